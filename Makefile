@@ -1,0 +1,29 @@
+# `make repro`: virtual environment + pinned dependencies + `dvc repro` of the bundled default.
+# `make test`: the same plus test dependencies, then the whole test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV)/bin)
+# torch is pinned in the same pip call as the rest (an unpinned torch pulls a multi-GB CUDA build); a venv that
+# already has a torch (say a CUDA build you installed) keeps it. Override with `make TORCH=...`.
+TORCH ?= $(shell $(BIN)/python -c "import torch" >/dev/null 2>&1 || echo torch==2.13.0)
+RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1 WANDB_MODE=$${WANDB_MODE:-offline}
+
+.PHONY: repro test clean-venv
+
+$(VENV)/.deps: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH) -r requirements.txt
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH) -r requirements.txt -r requirements-test.txt
+	touch $@
+
+repro: $(VENV)/.deps
+	$(RUN) dvc repro
+
+test: $(VENV)/.test-deps
+	$(RUN) python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""SFT pipeline library: chat rendering, packing, the model, training, evaluation, publishing."""

@@ -1,0 +1,358 @@
+"""A Llama-architecture transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases),
+saved and loaded as a Hugging Face Llama folder: config.json + model.safetensors (+ tokenizer files)."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline.chat import IGNORE_INDEX, save_tokenizer, special_ids
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 256  # hidden width
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads (grouped-query attention); divides n_head
+    intermediate_size: int = 704  # SwiGLU hidden width
+    max_seq_len: int = 1024  # max_position_embeddings written to config.json
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1.0e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share input embedding and output layer
+    init_std: float = 0.02  # weight init standard deviation
+    vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("model head size (n_embd / n_head) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like the HF implementation, then scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """pos (B, T) int -> cos, sin (B, 1, T, head_dim), the 'rotate half' layout of HF Llama."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values per layer for batched decoding; `length` positions are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.q = nn.Linear(d, cfg.n_head * hd, bias=False)
+        self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+        self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+        self.o = nn.Linear(cfg.n_head * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+        rep = cfg.n_head // cfg.n_kv_head
+        if rep > 1:  # query head h reads key/value head h // rep, as HF's repeat_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
+    """doc (B, T) conversation index per token -> bool (B, 1, T, T): attend to earlier tokens of the same
+    conversation only, so packed neighbours never see each other."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def shift_targets(labels: torch.Tensor, doc: torch.Tensor | None) -> torch.Tensor:
+    """The one place the shift happens: position t is scored against labels[t + 1], unless t + 1 starts
+    another conversation of the packed row (or the row ends)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if doc is not None:
+        targets[:, :-1].masked_fill_(doc[:, 1:] != doc[:, :-1], IGNORE_INDEX)
+    return targets
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "ModelConfig.vocab_size must be set (from the tokenizer) before building"
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)  # residual projections scaled down
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                std = out_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else self.cfg.init_std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def hidden(self, ids, pos, mask, cache=None):
+        x = self.embed(ids)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+    def forward(self, ids, labels=None, pos=None, doc=None):
+        """ids (B, T). Without labels: logits (B, T, V). With labels (B, T), -100 where not trained:
+        (sum of fp32 cross-entropies over trained targets, number of trained targets)."""
+        B, T = ids.shape
+        if pos is None:
+            pos = torch.arange(T, device=ids.device).expand(B, T)
+        mask = None if doc is None else doc_causal_mask(doc)
+        h = self.hidden(ids, pos, mask)
+        if labels is None:
+            return self.lm_head(h).float()
+        targets = shift_targets(labels, doc)
+        sel = targets != IGNORE_INDEX
+        # the output layer runs only where a target is trained; cross-entropy in fp32 even under autocast
+        logits = self.lm_head(h[sel]).float()  # (N, V)
+        loss_sum = F.cross_entropy(logits, targets[sel], reduction="sum")
+        return loss_sum, sel.sum()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---- Hugging Face Llama layout -------------------------------------------------------------------------
+# The one explicit map between our parameter names and transformers' LlamaForCausalLM names.
+HF_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "attn.q.weight": "self_attn.q_proj.weight",
+    "attn.k.weight": "self_attn.k_proj.weight",
+    "attn.v.weight": "self_attn.v_proj.weight",
+    "attn.o.weight": "self_attn.o_proj.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+
+
+def to_hf_name(name: str) -> str:
+    if name.startswith("blocks."):
+        _, i, rest = name.split(".", 2)
+        return f"model.layers.{i}.{HF_NAMES[rest]}"
+    return HF_NAMES[name]
+
+
+def hf_config(cfg: ModelConfig, special: dict[str, int]) -> dict:
+    """config.json for transformers' LlamaForCausalLM; both rope spellings for old and new versions."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": special["eos"],
+        "pad_token_id": special["pad"],
+    }
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"expected a Llama model folder (model_type 'llama'), got {hf.get('model_type')!r}")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ValueError(f"config.json sets {key}; this model has no biases")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
+        raise ValueError("config.json head_dim must equal hidden_size / num_attention_heads")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported rope scaling {rope!r}")
+    return ModelConfig(
+        n_layer=hf["num_hidden_layers"], n_embd=n_embd, n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads", n_head), intermediate_size=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)), vocab_size=hf["vocab_size"],
+    )
+
+
+def save_model(model: Transformer, tok, folder: str) -> None:
+    """A complete HF Llama folder: config.json, model.safetensors (fp32; a tied lm_head is not stored),
+    generation_config.json (stops at <|end|>) and the tokenizer files with the chat template."""
+    special = special_ids(tok)
+    state = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        state[to_hf_name(name)] = p.detach().to("cpu", torch.float32).contiguous()
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config(model.cfg, special), indent=2) + "\n")
+    generation = {"eos_token_id": special["eos"], "pad_token_id": special["pad"], "do_sample": False,
+                  "max_new_tokens": 200}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_tokenizer(tok, folder)
+
+
+def load_model(folder: str, device="cpu") -> Transformer:
+    """Load a HF Llama folder (safetensors only: pickles are never loaded)."""
+    path = Path(folder)
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{folder}: no model.safetensors (this loader reads safetensors only)")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    model = Transformer(cfg)
+    tensors = load_file(str(path / "model.safetensors"))
+    expected = {to_hf_name(n) for n in model.state_dict() if not (n == "lm_head.weight" and cfg.tie_embeddings)}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{folder}/model.safetensors: missing {missing[:5]}, unexpected {extra[:5]}")
+    by_hf = {to_hf_name(n): n for n in model.state_dict()}
+    model.load_state_dict({by_hf[k]: v for k, v in tensors.items()}, strict=not cfg.tie_embeddings)
+    return model.to(device)
+
+
+# ---- generation -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
+             temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Batched decoding with a key/value cache. Prompts are left-padded; each row stops on its own at
+    `stop_id` (included in its output) or after max_new_tokens. temperature 0 is greedy."""
+    model.eval()
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    total = P + max_new_tokens
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        valid[i, P - len(p):] = True
+    pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    # pad queries attend to themselves only, so no softmax row is empty
+    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1] + 1
+    x = ids
+    for step in range(max_new_tokens):
+        logits = model.lm_head(model.hidden(x, pos, mask[:, None], cache)[:, -1]).float()
+        cache.length += x.shape[1]
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        else:
+            tok = logits.argmax(-1)
+        for i in (~done).nonzero()[:, 0].tolist():
+            out[i].append(tok[i].item())
+        done |= tok == stop_id
+        if bool(done.all()):
+            break
+        x, pos = tok[:, None], next_pos[:, None]
+        next_pos = next_pos + 1
+        valid[:, cache.length] = True
+        mask = valid[:, None, : cache.length + 1]  # (B, 1, S): the new token sees every real slot
+    return out

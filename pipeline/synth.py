@@ -1,0 +1,361 @@
+"""The bundled default data: a seeded fictional world of towns and people, written as a pretraining corpus
+(corpus.jsonl, {"text"}) and chat splits (train/dev/heldout.jsonl, {"messages"}) whose answers are short spans.
+A fixed fraction of (entity, attribute) facts is stated in the corpus but asked about only in heldout.jsonl.
+Randomness comes only from random.Random streams seeded by cfg.seed, so a seed gives byte-identical files."""
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ONSETS = "b d f g k l m n p r s t v z br dr kr st th sh".split()
+VOWELS = "a e i o u".split()
+CODAS = ["", "n", "r", "l", "s", "k"]
+SYLLABLES = [o + v for o in ONSETS for v in VOWELS]
+PROFESSIONS = "baker potter weaver smith miller fisher carpenter tailor mason brewer healer scribe sailor farmer".split()
+COLOURS = "red blue green yellow orange purple white black grey brown pink silver".split()
+PRODUCTS = "wool salt glass cheese copper paper honey timber silk pottery wine iron amber rope lace tea".split()
+ATTRS = {"town": ["region", "river", "founded", "product", "mayor"],
+         "person": ["hometown", "profession", "age", "colour", "pet"]}
+LINKS = ("mayor", "hometown")  # attributes whose value is another entity of the world
+SYSTEM_PROMPTS = [
+    "You are a concise assistant. Answer with a short phrase.",
+    "You are a helpful assistant. Reply with just the answer.",
+    "Answer briefly, with a word, a name or a number.",
+    "You are a quiz assistant. Give only the answer.",
+    "Keep answers short. No full sentences.",
+]
+PASSAGE_FORMS = [
+    "{p}\n\nQuestion: {q}",
+    "Read the passage and answer the question.\n\nPassage: {p}\n\nQuestion: {q}",
+    "Text: {p}\nQuestion: {q}",
+    "{q}\nAnswer from this passage: {p}",
+]
+ARITH_ASK = ["What is {a} {op} {b}?", "What is {a} {sym} {b}?", "Compute {a} {sym} {b}.", "How much is {a} {op} {b}?",
+             "{a} {sym} {b} = ?"]
+ARITH_SAY = ["{a} {op} {b} is {c}.", "{a} {sym} {b} = {c}.", "{a} {op} {b} equals {c}."]
+CORPUS_QA = ["{q} {v}.", "{q} The answer is {v}.", "{q} It is {v}."]
+GROUPS = {"region": ["The towns of {g} are {towns}.", "{towns} all lie in the region of {g}."],
+          "river": ["The river {g} flows through {towns}.", "Towns on the {g} include {towns}."]}
+# Per attribute: statements (corpus, passages), questions naming the entity, follow-ups with a pronoun.
+TEMPLATES = {
+    "region": dict(say=["{e} is a town in {v}.", "{e} lies in the region of {v}.", "The town of {e} is part of {v}.",
+                        "{v} is the region where {e} is found."],
+                   ask=["Which region is {e} in?", "In what region does {e} lie?", "What region is {e} part of?"],
+                   follow=["Which region is it in?", "What region is it part of?"]),
+    "river": dict(say=["The river {v} flows through {e}.", "The {v} runs through the town of {e}.",
+                       "{e}'s river is the {v}.", "{e} lies on the river {v}."],
+                  ask=["Which river flows through {e}?", "What river runs through {e}?", "{e} lies on which river?"],
+                  follow=["Which river flows through it?", "What river runs through it?"]),
+    "founded": dict(say=["{e} was founded in {v}.", "The town of {e} dates from {v}.", "In {v}, {e} was founded.",
+                         "{e} has stood since {v}."],
+                    ask=["When was {e} founded?", "In what year was {e} founded?", "What year does {e} date from?"],
+                    follow=["When was it founded?", "In what year was it founded?"]),
+    "product": dict(say=["{e} is known for its {v}.", "The town of {e} is famous for {v}.",
+                         "The main product of {e} is {v}.", "People know {e} for its {v}."],
+                    ask=["What is {e} known for?", "What is the main product of {e}?", "What is {e} famous for?"],
+                    follow=["What is it known for?", "What is it famous for?"]),
+    "mayor": dict(say=["The mayor of {e} is {v}.", "{v} is the mayor of {e}.", "{e} is led by its mayor, {v}.",
+                       "{v} serves as mayor of {e}."],
+                  ask=["Who is the mayor of {e}?", "Who leads {e} as mayor?", "Who is {e}'s mayor?"],
+                  follow=["Who is its mayor?", "Who is the mayor there?"]),
+    "hometown": dict(say=["{e} lives in {v}.", "{e} is from the town of {v}.", "{v} is the hometown of {e}.",
+                          "{e} comes from {v}."],
+                     ask=["Where is {e} from?", "Which town does {e} live in?", "What is the hometown of {e}?"],
+                     follow=["Where are they from?", "Which town do they live in?"]),
+    "profession": dict(say=["{e} works as a {v}.", "{e} is a {v} by trade.", "By profession, {e} is a {v}.",
+                            "{e} earns a living as a {v}."],
+                       ask=["What does {e} do for a living?", "What is the profession of {e}?", "What is {e}'s job?"],
+                       follow=["What do they do for a living?", "What is their job?"]),
+    "age": dict(say=["{e} is {v} years old.", "{e} is aged {v}.", "The age of {e} is {v}.", "{e} has lived {v} years."],
+                ask=["How old is {e}?", "What is the age of {e}?", "What age is {e}?"],
+                follow=["How old are they?", "What is their age?"]),
+    "colour": dict(say=["{e}'s favourite colour is {v}.", "The favourite colour of {e} is {v}.",
+                        "{e} likes the colour {v} best.", "Of all colours, {e} prefers {v}."],
+                   ask=["What is {e}'s favourite colour?", "Which colour does {e} like best?",
+                        "What colour does {e} prefer?"],
+                   follow=["What is their favourite colour?", "Which colour do they like best?"]),
+    "pet": dict(say=["{e} has a pet named {v}.", "{e}'s pet is called {v}.", "{v} is the name of {e}'s pet.",
+                     "{e} keeps a pet called {v}."],
+                ask=["What is the name of {e}'s pet?", "What is {e}'s pet called?", "What is the pet of {e} called?"],
+                follow=["What is their pet called?", "What is the name of their pet?"]),
+}
+TASKS = ("fact", "passage", "arith", "multi")
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 0  # one seed for the world, the held-out split, the corpus and the conversations
+    n_towns: int = 30  # towns in the world (5 facts each)
+    n_people: int = 60  # people in the world (5 facts each); the first n_towns are the mayors
+    n_regions: int = 6  # region names shared by the towns
+    n_rivers: int = 10  # river names shared by the towns
+    n_syllables: int = 40  # syllables (of 105) that names are built from; names are 2 syllables + an optional coda
+    docs_per_entity: int = 8  # corpus documents per town and per person, each restating all its facts
+    docs_per_group: int = 2  # corpus documents listing the towns of each region and each river
+    n_arith_docs: int = 200  # corpus documents of worked sums and differences
+    corpus_question_frac: float = 0.25  # chance that a corpus sentence is phrased as question + answer
+    heldout_frac: float = 0.2  # fraction of (entity, attribute) facts asked about only in heldout.jsonl
+    n_train: int = 6000  # conversations in train.jsonl
+    n_dev: int = 300  # conversations in dev.jsonl (same distribution as train, none identical to one)
+    n_heldout: int = 300  # conversations in heldout.jsonl (held-out facts, fresh passages and sums)
+    frac_fact: float = 0.45  # closed-book single question about a world fact
+    frac_passage: float = 0.2  # question answered from a passage about an invented entity in the user turn
+    frac_arith: float = 0.15  # a + b or a - b
+    frac_multi: float = 0.2  # 2..max_turns follow-up questions about the same (or a linked) entity
+    max_turns: int = 3  # most user/assistant exchanges in a multi-turn conversation
+    system_frac: float = 0.3  # fraction of conversations that begin with a system message
+    arith_max: int = 20  # operands are drawn from 0..arith_max; differences are never negative
+
+    def __post_init__(self):
+        for name in ("corpus_question_frac", "heldout_frac", "system_frac") + tuple(f"frac_{t}" for t in TASKS):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synth.{name}={getattr(self, name)} must be in [0, 1]")
+        if abs(sum(getattr(self, f"frac_{t}") for t in TASKS) - 1.0) > 1e-6:
+            raise ValueError("synth.frac_fact + frac_passage + frac_arith + frac_multi must sum to 1")
+        for name in ("n_towns", "n_regions", "n_rivers", "docs_per_entity", "n_train", "arith_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"synth.{name}={getattr(self, name)} must be at least 1")
+        for name in ("docs_per_group", "n_arith_docs", "n_dev", "n_heldout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"synth.{name}={getattr(self, name)} must not be negative")
+        if self.n_people < self.n_towns:
+            raise ValueError(f"synth.n_people={self.n_people} < n_towns={self.n_towns}: every town needs a mayor")
+        if self.max_turns < 2:
+            raise ValueError(f"synth.max_turns={self.max_turns} must be at least 2")
+        if not 2 <= self.n_syllables <= len(SYLLABLES):
+            raise ValueError(f"synth.n_syllables={self.n_syllables} must be in [2, {len(SYLLABLES)}]")
+        n_names = self.n_towns + self.n_regions + self.n_rivers + 3 * self.n_people  # first, last and pet names
+        if self.n_syllables ** 2 < 3 * n_names:  # room for unique, prefix-free names and for passage names
+            raise ValueError(f"synth.n_syllables={self.n_syllables} is too few for {n_names} unique names: "
+                             f"n_syllables**2 must be at least {3 * n_names}")
+        if self.n_heldout and round(self.heldout_frac * 5 * (self.n_towns + self.n_people)) < 1:
+            raise ValueError("synth.heldout_frac holds out no fact, but n_heldout > 0")
+        if self.heldout_frac > 0.8:
+            raise ValueError(f"synth.heldout_frac={self.heldout_frac} leaves too few facts to train on (max 0.8)")
+
+
+def make_names(rng: random.Random, syllables: list[str], n: int, used: list[str]) -> list[str]:
+    """n new capitalized words, unique and none a prefix of another (so containment scoring stays honest)."""
+    out = []
+    for _ in range(1000 * n):
+        if len(out) == n:
+            return out
+        w = (rng.choice(syllables) + rng.choice(syllables) + rng.choice(CODAS)).capitalize()
+        if not any(w.startswith(u) or u.startswith(w) for u in used):
+            used.append(w)
+            out.append(w)
+    raise ValueError(f"could not draw {n} unique names; raise synth.n_syllables")
+
+
+def new_word(rng: random.Random, syllables: list[str], taken: set) -> str:
+    while (w := (rng.choice(syllables) + rng.choice(syllables) + rng.choice(CODAS)).capitalize()) in taken:
+        pass
+    return w
+
+
+def town(rng: random.Random, region: str, river: str, mayor: str) -> dict:
+    return {"kind": "town", "region": region, "river": river, "founded": str(rng.randint(1050, 1890)),
+            "product": rng.choice(PRODUCTS), "mayor": mayor}
+
+
+def person(rng: random.Random, hometown: str, pet: str) -> dict:
+    return {"kind": "person", "hometown": hometown, "profession": rng.choice(PROFESSIONS),
+            "age": str(rng.randint(18, 90)), "colour": rng.choice(COLOURS), "pet": pet}
+
+
+def build_world(cfg: SynthConfig, rng: random.Random) -> tuple[dict, list[str]]:
+    """name -> {"kind", attr: value} for every town and person (values are strings), and the syllables used."""
+    syllables, used = rng.sample(SYLLABLES, cfg.n_syllables), []
+    regions, rivers = make_names(rng, syllables, cfg.n_regions, used), make_names(rng, syllables, cfg.n_rivers, used)
+    towns = make_names(rng, syllables, cfg.n_towns, used)
+    firsts, lasts = make_names(rng, syllables, cfg.n_people, used), make_names(rng, syllables, cfg.n_people, used)
+    people, pets = [f"{f} {l}" for f, l in zip(firsts, lasts)], make_names(rng, syllables, cfg.n_people, used)
+    ents = {t: town(rng, rng.choice(regions), rng.choice(rivers), mayor=p) for t, p in zip(towns, people)}
+    for i, p in enumerate(people):  # a mayor lives in the town they lead
+        ents[p] = person(rng, towns[i] if i < len(towns) else rng.choice(towns), pets[i])
+    return ents, syllables
+
+
+def sentence(rng: random.Random, name: str, attr: str, value: str, question_frac: float) -> str:
+    if rng.random() < question_frac:
+        q = rng.choice(TEMPLATES[attr]["ask"]).format(e=name)
+        return rng.choice(CORPUS_QA).format(q=q, v=value)
+    return rng.choice(TEMPLATES[attr]["say"]).format(e=name, v=value)
+
+
+def listing(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def build_corpus(cfg: SynthConfig, rng: random.Random, ents: dict) -> list[str]:
+    """Encyclopedia-style documents: each restates all facts of one entity (plus up to two facts that point at
+    it, e.g. a town's residents) in shuffled order and varied phrasing; then group lists and worked sums."""
+    incoming = {name: [] for name in ents}
+    for name, ent in ents.items():
+        for attr in LINKS:
+            if attr in ent:
+                incoming[ent[attr]].append((name, attr))
+    docs = []
+    for name, ent in ents.items():
+        for _ in range(cfg.docs_per_entity):
+            facts = [(name, a) for a in ATTRS[ent["kind"]]] + rng.sample(incoming[name], min(2, len(incoming[name])))
+            rng.shuffle(facts)
+            body = " ".join(sentence(rng, e, a, ents[e][a], cfg.corpus_question_frac) for e, a in facts)
+            docs.append(rng.choice(["", f"{name}\n", f"{name}. "]) + body)
+    for attr, forms in GROUPS.items():
+        groups = {}
+        for name, ent in ents.items():
+            if ent["kind"] == "town":
+                groups.setdefault(ent[attr], []).append(name)
+        for g, towns in groups.items():
+            docs += [rng.choice(forms).format(g=g, towns=listing(rng.sample(towns, len(towns))))
+                     for _ in range(cfg.docs_per_group)]
+    for _ in range(cfg.n_arith_docs):
+        docs.append(" ".join(rng.choice(ARITH_SAY).format(**arith(rng, cfg.arith_max)) for _ in range(8)))
+    rng.shuffle(docs)
+    return docs
+
+
+def arith(rng: random.Random, hi: int) -> dict:
+    a, b = rng.randint(0, hi), rng.randint(0, hi)
+    if rng.random() < 0.5:
+        return dict(a=a, b=b, op="plus", sym="+", c=a + b)
+    a, b = max(a, b), min(a, b)
+    return dict(a=a, b=b, op="minus", sym="-", c=a - b)
+
+
+def walk(rng: random.Random, ents: dict, name: str, n: int, ok) -> list[tuple[str, str]]:
+    """Up to n (entity, attr) steps where ok(step); a linked answer (a mayor, a hometown) becomes the subject of
+    the next step, so a pronoun in the follow-up question always means the latest entity named."""
+    steps = []
+    for _ in range(n):
+        opts = [a for a in ATTRS[ents[name]["kind"]] if (name, a) not in steps and ok((name, a))]
+        if not opts:
+            break
+        attr = rng.choice(opts)
+        steps.append((name, attr))
+        name = ents[name][attr] if attr in LINKS else name
+    return steps
+
+
+def passage_turn(rng: random.Random, syllables: list[str], taken: set) -> tuple[str, str]:
+    """A question about an invented entity (not in the world), answered by a span of the passage shown with it."""
+    word = lambda: new_word(rng, syllables, taken)  # noqa: E731
+    if rng.random() < 0.5:
+        name, ent = word(), town(rng, word(), word(), f"{word()} {word()}")
+    else:
+        name, ent = f"{word()} {word()}", person(rng, word(), word())
+    attrs = rng.sample(ATTRS[ent["kind"]], rng.randint(3, 5))
+    attr = rng.choice(attrs)
+    text = " ".join(sentence(rng, name, a, ent[a], 0.0) for a in attrs)
+    q = rng.choice(TEMPLATES[attr]["ask"]).format(e=name)
+    return rng.choice(PASSAGE_FORMS).format(p=text, q=q), ent[attr]
+
+
+def ask(rng: random.Random, ents: dict, steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(question, answer) per step: the first names its entity, the rest are pronoun follow-ups."""
+    return [(rng.choice(TEMPLATES[a]["follow" if i else "ask"]).format(e=e), ents[e][a]) for i, (e, a) in
+            enumerate(steps)]
+
+
+def chat(system: str | None, turns: list[tuple[str, str]]) -> dict:
+    msgs = [{"role": "system", "content": system}] if system else []
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": msgs}
+
+
+def task_list(rng: random.Random, cfg: SynthConfig, n: int) -> list[str]:
+    """Exactly n tasks in the configured proportions (cumulative rounding), shuffled."""
+    tasks, cum, done = [], 0.0, 0
+    for t in TASKS:
+        cum += getattr(cfg, f"frac_{t}")
+        tasks += [t] * (round(n * cum) - done)
+        done = len(tasks)
+    tasks += [TASKS[0]] * (n - len(tasks))
+    rng.shuffle(tasks)
+    return tasks
+
+
+def build_split(rng, cfg, n, make, avoid: set, key, dedup: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """n conversations, make(task) -> (turns, asked facts) or None to redraw; a conversation whose key is in
+    `avoid` (or, with dedup, repeats one of this split) is redrawn."""
+    convs, asked, seen = [], [], set()
+    for task in task_list(rng, cfg, n):
+        # drawn once per slot: redrawing it with the content would bias dev towards system prompts
+        system = rng.choice(SYSTEM_PROMPTS) if rng.random() < cfg.system_frac else None
+        for _ in range(1000):
+            made = make(task)
+            if made is None:
+                continue
+            conv = chat(system, made[0])
+            k = key(conv)
+            if k not in avoid and not (dedup and k in seen):
+                break
+        else:
+            raise ValueError(f"could not draw {n} distinct conversations ({task}); enlarge the world or shrink n")
+        convs.append(conv)
+        seen.add(k)
+        asked += made[1]
+    return convs, asked
+
+
+def user_key(conv: dict) -> str:
+    return "\x00".join(m["content"] for m in conv["messages"] if m["role"] == "user")
+
+
+def maker(rng, cfg, ents, syllables, held: list, heldout: bool):
+    """make(task) for build_split: train/dev ask only non-held-out facts; heldout's fact and multi-turn
+    conversations end on a held-out fact (cycling through all of them)."""
+    held_set, taken = set(held), set(" ".join(ents).split()) | {v for e in ents.values() for v in e.values()}
+    facts = [(e, a) for e, ent in ents.items() for a in ATTRS[ent["kind"]] if (e, a) not in held_set]
+    cycles = {t: itertools.cycle(rng.sample(held, len(held))) for t in ("fact", "multi")}
+
+    def make(task):
+        if task == "passage":
+            return [passage_turn(rng, syllables, taken)], []
+        if task == "arith":
+            x = arith(rng, cfg.arith_max)
+            return [(rng.choice(ARITH_ASK).format(**x), str(x["c"]))], []
+        if task == "fact":
+            steps = [next(cycles[task]) if heldout else rng.choice(facts)]
+        elif heldout:  # multi: 1+ questions about the same entity, then a follow-up on its held-out fact
+            fact = next(cycles[task])
+            steps = walk(rng, ents, fact[0], rng.randint(1, cfg.max_turns - 1),
+                         lambda f: f not in held_set and f[1] not in LINKS and f != fact) + [fact]
+        else:
+            steps = walk(rng, ents, rng.choice(facts)[0], rng.randint(2, cfg.max_turns), lambda f: f not in held_set)
+        return (ask(rng, ents, steps), steps) if len(steps) >= (2 if task == "multi" else 1) else None
+    return make
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def generate(cfg: SynthConfig, out_dir: str) -> dict:
+    """Write corpus.jsonl, train/dev/heldout.jsonl and world.json into out_dir; return the counts."""
+    stream = lambda part: random.Random(f"{cfg.seed}:{part}")  # noqa: E731  (one stream per part)
+    ents, syllables = build_world(cfg, stream("world"))
+    facts = [(e, a) for e, ent in ents.items() for a in ATTRS[ent["kind"]]]
+    held = sorted(stream("heldout_facts").sample(facts, round(cfg.heldout_frac * len(facts))))
+    corpus = build_corpus(cfg, stream("corpus"), ents)
+    rng = stream("chat")
+    train, asked_train = build_split(rng, cfg, cfg.n_train, maker(rng, cfg, ents, syllables, held, False),
+                                     set(), json.dumps, dedup=False)
+    dev, asked_dev = build_split(rng, cfg, cfg.n_dev, maker(rng, cfg, ents, syllables, held, False),
+                                 {json.dumps(c) for c in train}, json.dumps, dedup=True)
+    heldout, asked_heldout = build_split(rng, cfg, cfg.n_heldout, maker(rng, cfg, ents, syllables, held, True),
+                                         {user_key(c) for c in train + dev}, user_key, dedup=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "corpus.jsonl", [{"text": d} for d in corpus])
+    for name, rows in (("train", train), ("dev", dev), ("heldout", heldout)):
+        write_jsonl(out / f"{name}.jsonl", rows)
+    asked = {"train": asked_train, "dev": asked_dev, "heldout": asked_heldout}
+    world = {"config": asdict(cfg), "entities": ents, "heldout_facts": [list(f) for f in held],
+             "asked": {k: sorted(set(v)) for k, v in asked.items()}}
+    (out / "world.json").write_text(json.dumps(world, indent=1) + "\n")
+    return {"corpus_docs": len(corpus), "corpus_chars": sum(map(len, corpus)), "train": len(train),
+            "dev": len(dev), "heldout": len(heldout), "facts": len(facts), "heldout_facts": len(held)}

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from pipeline.chat import IGNORE_INDEX
+from pipeline.model import generate, load_model, save_model
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_loads_the_folder_with_equal_logits(tok, tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(tok.get_vocab_size(), tie_embeddings=tied)
+    save_model(model, tok, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, tok.get_vocab_size(), (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    assert hf.generation_config.eos_token_id == tok.token_to_id("<|end|>")
+
+
+def test_safetensors_round_trip(tok, tmp_path):
+    model = tiny_model(tok.get_vocab_size(), tie_embeddings=False)
+    save_model(model, tok, str(tmp_path))
+    again = load_model(str(tmp_path))
+    assert again.cfg == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_loader_refuses_pickles_and_wrong_keys(tok, tmp_path):
+    model = tiny_model(tok.get_vocab_size())
+    save_model(model, tok, str(tmp_path))
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_packed_conversations_do_not_see_each_other(tok):
+    model = tiny_model(tok.get_vocab_size()).eval()
+    V = tok.get_vocab_size()
+    g = torch.Generator().manual_seed(0)
+    a, b, b2 = (torch.randint(5, V, (n,), generator=g) for n in (7, 9, 9))
+    row = lambda second: torch.cat([a, second])[None]  # noqa: E731
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    doc = torch.tensor([0] * 7 + [1] * 9)[None]
+    with torch.no_grad():
+        packed, changed = model(row(b), pos=pos, doc=doc), model(row(b2), pos=pos, doc=doc)
+        alone_a, alone_b = model(a[None]), model(b[None])
+    assert torch.equal(packed[:, :7], changed[:, :7])  # changing B leaves A's logits unchanged
+    torch.testing.assert_close(packed[:, :7], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 7:], alone_b, rtol=1e-5, atol=1e-5)  # positions restart, no leak from A
+
+
+def test_loss_scores_logits_at_t_against_labels_at_t_plus_1_only_where_trained(tok):
+    model = tiny_model(tok.get_vocab_size())
+    ids = torch.randint(5, tok.get_vocab_size(), (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    with torch.no_grad():
+        loss_sum, n = model(ids, labels)
+        logits = model(ids)
+    # by hand: positions 5..10 predict tokens 6..11, the trained ones
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:11].reshape(-1, logits.shape[-1]),
+                                                 ids[:, 6:12].reshape(-1), reduction="sum")
+    assert int(n) == 12
+    torch.testing.assert_close(loss_sum, expected)
+    with torch.no_grad():
+        empty, n0 = model(ids, torch.full_like(ids, IGNORE_INDEX))
+    assert int(n0) == 0 and torch.isfinite(empty) and float(empty) == 0.0  # a fully masked batch is no NaN
+
+
+def test_batched_cached_generation_equals_one_by_one_greedy(tok):
+    model = tiny_model(tok.get_vocab_size()).eval()
+    prompts = [[1, 40, 41, 42, 4, 2], [1, 50, 4, 2], [3, 60, 61, 4, 1, 62, 63, 64, 4, 2]]
+    batched = generate(model, prompts, max_new_tokens=12, stop_id=4)
+    for prompt, out in zip(prompts, batched):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+                if seq[-1] == 4:
+                    break
+        assert out == seq[len(prompt):]

@@ -1,0 +1,99 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common import setup_compute
+from pipeline.pack import PackConfig, pack, to_batch
+from pipeline.train import TrainConfig, accumulate_gradients, lr_at, make_optimizer, total_steps, train
+from tests.conftest import tiny_model
+from tests.test_pack import conversations
+
+CPU = setup_compute("cpu", "float32")
+
+
+def packed_rows(n=60, block=48, seed=0):
+    ids, labels = conversations(n, seed=seed, max_len=40)
+    arrays, _ = pack(ids, labels, PackConfig(block_size=block))
+    return arrays
+
+
+def test_schedule_matches_spec():
+    cfg = TrainConfig(lr=3e-4, warmup_frac=0.03, min_lr_frac=0.1)
+    T = 1000
+    W = 30
+    assert lr_at(0, cfg, T) == pytest.approx(3e-4 / W)
+    assert lr_at(W - 1, cfg, T) == pytest.approx(3e-4)
+    assert lr_at(W, cfg, T) == pytest.approx(3e-4)
+    mid = W + (T - W) // 2
+    p = (mid - W) / (T - W)
+    assert lr_at(mid, cfg, T) == pytest.approx(3e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))))
+    assert lr_at(T - 1, cfg, T) == pytest.approx(3e-5, rel=1e-3)  # the floor: 10% of peak
+    assert min(lr_at(t, cfg, T) for t in range(W, T)) >= 3e-5 - 1e-12  # never below the floor after warmup
+
+
+def test_weight_decay_on_matrices_only():
+    model = tiny_model(300)
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_one_batch_of_8_equals_four_micro_batches_of_2():
+    arrays = packed_rows()
+    rows = list(range(8))
+    grads = []
+    for split in ([rows], [rows[i : i + 2] for i in range(0, 8, 2)]):
+        model = tiny_model(300)
+        micro = [to_batch(arrays, r, "cpu") for r in split]
+        loss, n = accumulate_gradients(model, micro, CPU)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the trap it guards against: a mean of micro-batch means weights tokens unequally, and differs here
+    model = tiny_model(300)
+    means = [model(*to_batch(arrays, rows[i : i + 2], "cpu")) for i in range(0, 8, 2)]
+    mean_of_means = sum(s / n for s, n in means) / 4
+    assert not math.isclose(float(mean_of_means), loss / n, rel_tol=1e-4)
+
+
+def test_tiny_model_overfits_8_rows():
+    arrays = {k: v[:8] for k, v in packed_rows().items()}
+    model = tiny_model(300)
+    cfg = TrainConfig(lr=1e-2, warmup_frac=0.0, max_steps=150, batch_size=8, weight_decay=0.0, device="cpu")
+    summary = train(cfg, model, CPU, arrays, arrays, desc="overfit")
+    assert summary["loss"] < 0.05 and summary["dev_loss"] < 0.05 and summary["skipped_steps"] == 0
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run():
+    arrays = packed_rows()
+    model = tiny_model(300)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    summary = train(TrainConfig(max_steps=3, batch_size=4, max_bad_steps=5), model, CPU, arrays, None)
+    assert summary["skipped_steps"] == 3
+    assert all(torch.equal(a, b) or torch.isnan(a).any() for a, b in zip(before, model.parameters()))
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        train(TrainConfig(max_steps=5, batch_size=4, max_bad_steps=2), model, CPU, arrays, None)
+
+
+def test_logged_lr_is_the_schedule_stepped_per_optimizer_step(tmp_path):
+    arrays = packed_rows()
+    cfg = TrainConfig(lr=1e-3, max_steps=12, batch_size=2, grad_accum=3, warmup_frac=0.25, eval_every=5)
+    train(cfg, tiny_model(300), CPU, arrays, arrays, live_dir=str(tmp_path / "live"))
+    logged = np.loadtxt(tmp_path / "live/plots/metrics/lr.tsv", skiprows=1, usecols=(1, 2))
+    assert [int(s) for s in logged[:, 0]] == list(range(12))
+    np.testing.assert_allclose(logged[:, 1], [lr_at(t, cfg, 12) for t in range(12)], rtol=1e-6)
+    dev = np.loadtxt(tmp_path / "live/plots/metrics/dev_loss.tsv", skiprows=1, usecols=(1,))
+    assert dev.tolist() == [0, 5, 10, 12]
+
+
+def test_total_steps_from_epochs():
+    assert total_steps(TrainConfig(epochs=2.0, batch_size=4, grad_accum=2), 100) == 25
+    assert total_steps(TrainConfig(max_steps=7), 100) == 7
+    with pytest.raises(ValueError):
+        TrainConfig(lr=0.0)
