@@ -35,10 +35,12 @@ class TokenizerConfig:
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with the chat markers reserved as single special ids; digits split one by one."""
+    """Byte-level BPE with the chat markers reserved as single special ids; digits split one by one.
+    Each text segment gets a prefix space, so an answer right after <|assistant|> is spelled with the same
+    tokens as in the middle of a pretraining sentence ("ĠBrodren", not "B" "rod" "ren")."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.ByteLevel(add_prefix_space=True), pre_tokenizers.Digits(individual_digits=True)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

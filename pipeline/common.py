@@ -71,6 +71,9 @@ def atomic_dir(out: str):
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should not be
     try:
         yield tmp
         if out_path.exists():

@@ -79,7 +79,7 @@ def answer(model, tok, prompts: list[list[dict]], cfg: EvaluateConfig, compute: 
             outs = generate(model, [encoded[i] for i in idx], cfg.max_new_tokens, stop_id=end)
         for i, out in zip(idx, outs):
             stopped = bool(out) and out[-1] == end
-            results[i] = (tok.decode(out[:-1] if stopped else out), stopped)
+            results[i] = (tok.decode(out[:-1] if stopped else out).strip(), stopped)
     return results
 
 

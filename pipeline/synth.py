@@ -12,7 +12,7 @@ ONSETS = "b d f g k l m n p r s t v z br dr kr st th sh".split()
 VOWELS = "a e i o u".split()
 CODAS = ["", "n", "r", "l", "s", "k"]
 SYLLABLES = [o + v for o in ONSETS for v in VOWELS]
-PROFESSIONS = "baker potter weaver smith miller fisher carpenter tailor mason brewer healer scribe sailor farmer".split()
+PROFESSIONS = "baker potter weaver smith miller fisher carpenter tailor mason brewer healer scribe sailor".split()
 COLOURS = "red blue green yellow orange purple white black grey brown pink silver".split()
 PRODUCTS = "wool salt glass cheese copper paper honey timber silk pottery wine iron amber rope lace tea".split()
 ATTRS = {"town": ["region", "river", "founded", "product", "mayor"],
@@ -67,7 +67,7 @@ TEMPLATES = {
                             "{e} earns a living as a {v}."],
                        ask=["What does {e} do for a living?", "What is the profession of {e}?", "What is {e}'s job?"],
                        follow=["What do they do for a living?", "What is their job?"]),
-    "age": dict(say=["{e} is {v} years old.", "{e} is aged {v}.", "The age of {e} is {v}.", "{e} has lived {v} years."],
+    "age": dict(say=["{e} is {v} years old.", "{e} is aged {v}.", "The age of {e} is {v}.", "{e} is {v}."],
                 ask=["How old is {e}?", "What is the age of {e}?", "What age is {e}?"],
                 follow=["How old are they?", "What is their age?"]),
     "colour": dict(say=["{e}'s favourite colour is {v}.", "The favourite colour of {e} is {v}.",
@@ -113,16 +113,13 @@ class SynthConfig:
                 raise ValueError(f"synth.{name}={getattr(self, name)} must be in [0, 1]")
         if abs(sum(getattr(self, f"frac_{t}") for t in TASKS) - 1.0) > 1e-6:
             raise ValueError("synth.frac_fact + frac_passage + frac_arith + frac_multi must sum to 1")
-        for name in ("n_towns", "n_regions", "n_rivers", "docs_per_entity", "n_train", "arith_max"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"synth.{name}={getattr(self, name)} must be at least 1")
-        for name in ("docs_per_group", "n_arith_docs", "n_dev", "n_heldout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"synth.{name}={getattr(self, name)} must not be negative")
+        lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
+                    docs_per_group=0, n_arith_docs=0, n_dev=0, n_heldout=0)
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"synth.{name}={getattr(self, name)} must be at least {low}")
         if self.n_people < self.n_towns:
             raise ValueError(f"synth.n_people={self.n_people} < n_towns={self.n_towns}: every town needs a mayor")
-        if self.max_turns < 2:
-            raise ValueError(f"synth.max_turns={self.max_turns} must be at least 2")
         if not 2 <= self.n_syllables <= len(SYLLABLES):
             raise ValueError(f"synth.n_syllables={self.n_syllables} must be in [2, {len(SYLLABLES)}]")
         n_names = self.n_towns + self.n_regions + self.n_rivers + 3 * self.n_people  # first, last and pet names
@@ -135,23 +132,24 @@ class SynthConfig:
             raise ValueError(f"synth.heldout_frac={self.heldout_frac} leaves too few facts to train on (max 0.8)")
 
 
+def word(rng: random.Random, syllables: list[str], taken: set = frozenset()) -> str:
+    """Two syllables and an optional coda, capitalized, not in `taken`: "Voda", "Drigen", "Mibrin"."""
+    while (w := (rng.choice(syllables) + rng.choice(syllables) + rng.choice(CODAS)).capitalize()) in taken:
+        pass
+    return w
+
+
 def make_names(rng: random.Random, syllables: list[str], n: int, used: list[str]) -> list[str]:
     """n new capitalized words, unique and none a prefix of another (so containment scoring stays honest)."""
     out = []
     for _ in range(1000 * n):
-        if len(out) == n:
-            return out
-        w = (rng.choice(syllables) + rng.choice(syllables) + rng.choice(CODAS)).capitalize()
+        w = word(rng, syllables)
         if not any(w.startswith(u) or u.startswith(w) for u in used):
             used.append(w)
             out.append(w)
+            if len(out) == n:
+                return out
     raise ValueError(f"could not draw {n} unique names; raise synth.n_syllables")
-
-
-def new_word(rng: random.Random, syllables: list[str], taken: set) -> str:
-    while (w := (rng.choice(syllables) + rng.choice(syllables) + rng.choice(CODAS)).capitalize()) in taken:
-        pass
-    return w
 
 
 def town(rng: random.Random, region: str, river: str, mayor: str) -> dict:
@@ -239,18 +237,28 @@ def walk(rng: random.Random, ents: dict, name: str, n: int, ok) -> list[tuple[st
     return steps
 
 
+def world_words(ents: dict) -> set:
+    """Every name word and value of the world: invented entities never reuse one."""
+    return set(" ".join(ents).split()) | {v for e in ents.values() for v in e.values()}
+
+
+def invented(rng: random.Random, syllables: list[str], taken: set) -> tuple[str, dict, str]:
+    """An entity not in the world, described by a few of its facts: (name, facts, description)."""
+    new = lambda: word(rng, syllables, taken)  # noqa: E731
+    if rng.random() < 0.5:
+        name, ent = new(), town(rng, new(), new(), f"{new()} {new()}")
+    else:
+        name, ent = f"{new()} {new()}", person(rng, new(), new())
+    attrs = rng.sample(ATTRS[ent["kind"]], rng.randint(3, 5))
+    return name, {a: ent[a] for a in attrs}, " ".join(sentence(rng, name, a, ent[a], 0.0) for a in attrs)
+
+
 def passage_turn(rng: random.Random, syllables: list[str], taken: set) -> tuple[str, str]:
     """A question about an invented entity (not in the world), answered by a span of the passage shown with it."""
-    word = lambda: new_word(rng, syllables, taken)  # noqa: E731
-    if rng.random() < 0.5:
-        name, ent = word(), town(rng, word(), word(), f"{word()} {word()}")
-    else:
-        name, ent = f"{word()} {word()}", person(rng, word(), word())
-    attrs = rng.sample(ATTRS[ent["kind"]], rng.randint(3, 5))
-    attr = rng.choice(attrs)
-    text = " ".join(sentence(rng, name, a, ent[a], 0.0) for a in attrs)
+    name, facts, text = invented(rng, syllables, taken)
+    attr = rng.choice(list(facts))
     q = rng.choice(TEMPLATES[attr]["ask"]).format(e=name)
-    return rng.choice(PASSAGE_FORMS).format(p=text, q=q), ent[attr]
+    return rng.choice(PASSAGE_FORMS).format(p=text, q=q), facts[attr]
 
 
 def ask(rng: random.Random, ents: dict, steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -267,13 +275,10 @@ def chat(system: str | None, turns: list[tuple[str, str]]) -> dict:
 
 
 def task_list(rng: random.Random, cfg: SynthConfig, n: int) -> list[str]:
-    """Exactly n tasks in the configured proportions (cumulative rounding), shuffled."""
-    tasks, cum, done = [], 0.0, 0
-    for t in TASKS:
-        cum += getattr(cfg, f"frac_{t}")
-        tasks += [t] * (round(n * cum) - done)
-        done = len(tasks)
-    tasks += [TASKS[0]] * (n - len(tasks))
+    """Exactly n tasks in the configured proportions (rounded cumulatively, so they add up), shuffled."""
+    cum = list(itertools.accumulate(getattr(cfg, f"frac_{t}") for t in TASKS))
+    tasks = [t for t, lo, hi in zip(TASKS, [0.0] + cum, cum) for _ in range(round(n * hi) - round(n * lo))]
+    tasks += ["fact"] * (n - len(tasks))  # float round-off
     rng.shuffle(tasks)
     return tasks
 
@@ -282,9 +287,10 @@ def build_split(rng, cfg, n, make, avoid: set, key, dedup: bool) -> tuple[list[d
     """n conversations, make(task) -> (turns, asked facts) or None to redraw; a conversation whose key is in
     `avoid` (or, with dedup, repeats one of this split) is redrawn."""
     convs, asked, seen = [], [], set()
-    for task in task_list(rng, cfg, n):
-        # drawn once per slot: redrawing it with the content would bias dev towards system prompts
-        system = rng.choice(SYSTEM_PROMPTS) if rng.random() < cfg.system_frac else None
+    n_system = round(n * cfg.system_frac)  # fixed per slot: redrawing it on a duplicate would bias dev
+    systems = [rng.choice(SYSTEM_PROMPTS) for _ in range(n_system)] + [None] * (n - n_system)
+    rng.shuffle(systems)
+    for task, system in zip(task_list(rng, cfg, n), systems):
         for _ in range(1000):
             made = make(task)
             if made is None:
@@ -308,7 +314,7 @@ def user_key(conv: dict) -> str:
 def maker(rng, cfg, ents, syllables, held: list, heldout: bool):
     """make(task) for build_split: train/dev ask only non-held-out facts; heldout's fact and multi-turn
     conversations end on a held-out fact (cycling through all of them)."""
-    held_set, taken = set(held), set(" ".join(ents).split()) | {v for e in ents.values() for v in e.values()}
+    held_set, taken = set(held), world_words(ents)
     facts = [(e, a) for e, ent in ents.items() for a in ATTRS[ent["kind"]] if (e, a) not in held_set]
     cycles = {t: itertools.cycle(rng.sample(held, len(held))) for t in ("fact", "multi")}
 
@@ -350,8 +356,7 @@ def generate(cfg: SynthConfig, out_dir: str) -> dict:
                                          {user_key(c) for c in train + dev}, user_key, dedup=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "corpus.jsonl", [{"text": d} for d in corpus])
-    for name, rows in (("train", train), ("dev", dev), ("heldout", heldout)):
+    for name, rows in (("corpus", [{"text": d} for d in corpus]), ("train", train), ("dev", dev), ("heldout", heldout)):
         write_jsonl(out / f"{name}.jsonl", rows)
     asked = {"train": asked_train, "dev": asked_dev, "heldout": asked_heldout}
     world = {"config": asdict(cfg), "entities": ents, "heldout_facts": [list(f) for f in held],

@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,19 +217,22 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
               live_dir: str) -> None:
     """The base model folder: a copy of cfg.init_from, or a model pretrained on the corpus."""
     tok = load_tokenizer(tokenizer)
+    with open(corpus, encoding="utf-8") as f:
+        rows = corpus_rows([json.loads(line)["text"] for line in f], tok, cfg.block_size)
+    compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
     if cfg.init_from:
         model = load_model(cfg.init_from)
         if load_tokenizer(cfg.init_from).get_vocab() != tok.get_vocab():
             raise ValueError(f"{cfg.init_from}/tokenizer.json differs from {tokenizer}")
-        Path(live_dir).mkdir(parents=True, exist_ok=True)
         print0(f"base: using {cfg.init_from} ({model.num_params():,} parameters), no pretraining")
+        # no training curve, but the same report: how well the imported model fits the corpus
+        log, close = make_logger(live_dir, cfg.pretrain, {})
+        log({"corpus_loss": evaluate_loss(model.to(compute.device), rows, cfg.pretrain.batch_size, compute)}, 0)
+        close()
     else:
-        with open(corpus, encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f]
         model = Transformer(dataclasses.replace(model_cfg, vocab_size=tok.get_vocab_size()))
         model.init_weights(cfg.seed)
-        compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
-        train(cfg.pretrain, model, compute, corpus_rows(texts, tok, cfg.block_size), None, live_dir, "base")
+        train(cfg.pretrain, model, compute, rows, None, live_dir, "base")
     save_model(model.cpu(), tok, out)
 
 

@@ -7,6 +7,15 @@ from pipeline.chat import (ASSISTANT, END, IGNORE_INDEX, SYSTEM, USER, RenderCon
 from tests.conftest import CONVERSATIONS
 
 
+def load_tokenizer_plain(tok):
+    """The same tokenizer with markers in text parsed as special tokens, as a text-level consumer sees it."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = False
+    return plain
+
+
 def test_render_golden_two_turn_dialog(tok):
     conv = [{"role": "user", "content": "Who is the mayor of Velmora?"}, {"role": "assistant", "content": "Mira Tal"},
             {"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}]
@@ -14,18 +23,19 @@ def test_render_golden_two_turn_dialog(tok):
     u, a, e = tok.token_to_id(USER), tok.token_to_id(ASSISTANT), tok.token_to_id(END)
     assert (u, a, e) == (1, 2, 4)
     # <|user|> Who is the mayor of Velmora? <|end|> <|assistant|> Mira Tal <|end|> <|user|> ... <|assistant|> 42 <|end|>
-    expected_ids = [1, 301, 83, 273, 271, 225, 314, 263, 290, 275, 35, 4,
-                    2, 295, 318, 225, 300, 4,
-                    1, 301, 278, 273, 225, 21, 22, 225, 15, 225, 23, 20, 35, 4,
-                    2, 24, 22, 4]
-    expected_labels = ([IGNORE_INDEX] * 12 + [IGNORE_INDEX, 295, 318, 225, 300, 4]
-                       + [IGNORE_INDEX] * 14 + [IGNORE_INDEX, 24, 22, 4])
+    # (each content segment starts with a space, 225 = "Ġ": answers are spelled as mid-sentence words)
+    expected_ids = [1, 225, 300, 83, 273, 271, 225, 313, 263, 291, 275, 35, 4,
+                    2, 225, 296, 317, 286, 277, 4,
+                    1, 225, 300, 278, 273, 225, 21, 22, 319, 225, 23, 20, 35, 4,
+                    2, 225, 24, 22, 4]
+    expected_labels = ([IGNORE_INDEX] * 13 + [IGNORE_INDEX, 225, 296, 317, 286, 277, 4]
+                       + [IGNORE_INDEX] * 14 + [IGNORE_INDEX, 225, 24, 22, 4])
     assert ids == expected_ids
     assert labels_from(ids, mask) == expected_labels
     # the golden ids decode back to the turns, markers as single ids
-    assert tok.decode(ids[1:11]) == "Who is the mayor of Velmora?"
-    assert tok.decode(ids[13:17]) == "Mira Tal"
-    assert tok.decode(ids[33:35]) == "42"
+    assert tok.decode(ids[1:12]) == " Who is the mayor of Velmora?"
+    assert tok.decode(ids[14:19]) == " Mira Tal"
+    assert tok.decode(ids[35:38]) == " 42"
 
 
 @pytest.mark.parametrize("conv", CONVERSATIONS)
@@ -64,10 +74,12 @@ def test_prompt_is_the_rendering_up_to_assistant_marker(tok):
     assert full[: len(prompt)] == prompt and prompt[-1] == tok.token_to_id(ASSISTANT)
 
 
-def test_render_text_is_the_decoded_rendering(tok):
+def test_render_text_encodes_to_the_rendering(tok):
+    # the exported template writes render_text; tokenizing that text (markers parsed as special tokens,
+    # as transformers does) gives our ids
+    plain = load_tokenizer_plain(tok)
     for conv in CONVERSATIONS[:3]:
-        ids, _ = render(conv, tok)
-        assert tok.decode(ids, skip_special_tokens=False) == render_text(conv)
+        assert plain.encode(render_text(conv), add_special_tokens=False).ids == render(conv, tok)[0]
 
 
 @pytest.mark.parametrize("messages,reason", [
