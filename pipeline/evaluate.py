@@ -60,7 +60,8 @@ def score(output: str, gold: str, stopped: bool) -> dict:
     out, ref = normalize(output), normalize(gold)
     return {
         "exact_match": float(out == ref),
-        "contains_answer": float(ref in out) if ref else 0.0,
+        # whole words: gold "5" is not found in "1250", nor "red" in "bred"
+        "contains_answer": float(f" {ref} " in f" {out} ") if ref else 0.0,
         "stopped": float(stopped),
         "length_ok": float(len(output.split()) <= 3 * max(1, len(gold.split()))),
         "distinct3": distinct3(output),

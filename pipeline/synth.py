@@ -94,6 +94,7 @@ class SynthConfig:
     docs_per_entity: int = 8  # corpus documents per town and per person, each restating all its facts
     docs_per_group: int = 2  # corpus documents listing the towns of each region and each river
     n_arith_docs: int = 200  # corpus documents of worked sums and differences
+    n_reading_docs: int = 1000  # corpus documents describing an invented entity, then asking about it
     corpus_question_frac: float = 0.25  # chance that a corpus sentence is phrased as question + answer
     heldout_frac: float = 0.2  # fraction of (entity, attribute) facts asked about only in heldout.jsonl
     n_train: int = 6000  # conversations in train.jsonl
@@ -114,7 +115,7 @@ class SynthConfig:
         if abs(sum(getattr(self, f"frac_{t}") for t in TASKS) - 1.0) > 1e-6:
             raise ValueError("synth.frac_fact + frac_passage + frac_arith + frac_multi must sum to 1")
         lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
-                    docs_per_group=0, n_arith_docs=0, n_dev=0, n_heldout=0)
+                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0)
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise ValueError(f"synth.{name}={getattr(self, name)} must be at least {low}")
@@ -168,7 +169,8 @@ def build_world(cfg: SynthConfig, rng: random.Random) -> tuple[dict, list[str]]:
     regions, rivers = make_names(rng, syllables, cfg.n_regions, used), make_names(rng, syllables, cfg.n_rivers, used)
     towns = make_names(rng, syllables, cfg.n_towns, used)
     firsts, lasts = make_names(rng, syllables, cfg.n_people, used), make_names(rng, syllables, cfg.n_people, used)
-    people, pets = [f"{f} {l}" for f, l in zip(firsts, lasts)], make_names(rng, syllables, cfg.n_people, used)
+    people = [f"{first} {last}" for first, last in zip(firsts, lasts)]
+    pets = make_names(rng, syllables, cfg.n_people, used)
     ents = {t: town(rng, rng.choice(regions), rng.choice(rivers), mayor=p) for t, p in zip(towns, people)}
     for i, p in enumerate(people):  # a mayor lives in the town they lead
         ents[p] = person(rng, towns[i] if i < len(towns) else rng.choice(towns), pets[i])
@@ -186,7 +188,7 @@ def listing(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def build_corpus(cfg: SynthConfig, rng: random.Random, ents: dict) -> list[str]:
+def build_corpus(cfg: SynthConfig, rng: random.Random, ents: dict, syllables: list[str]) -> list[str]:
     """Encyclopedia-style documents: each restates all facts of one entity (plus up to two facts that point at
     it, e.g. a town's residents) in shuffled order and varied phrasing; then group lists and worked sums."""
     incoming = {name: [] for name in ents}
@@ -211,6 +213,8 @@ def build_corpus(cfg: SynthConfig, rng: random.Random, ents: dict) -> list[str]:
                      for _ in range(cfg.docs_per_group)]
     for _ in range(cfg.n_arith_docs):
         docs.append(" ".join(rng.choice(ARITH_SAY).format(**arith(rng, cfg.arith_max)) for _ in range(8)))
+    taken = world_words(ents)
+    docs += [reading_doc(rng, syllables, taken) for _ in range(cfg.n_reading_docs)]
     rng.shuffle(docs)
     return docs
 
@@ -259,6 +263,15 @@ def passage_turn(rng: random.Random, syllables: list[str], taken: set) -> tuple[
     attr = rng.choice(list(facts))
     q = rng.choice(TEMPLATES[attr]["ask"]).format(e=name)
     return rng.choice(PASSAGE_FORMS).format(p=text, q=q), facts[attr]
+
+
+def reading_doc(rng: random.Random, syllables: list[str], taken: set) -> str:
+    """Pretraining text that rewards reading: a description of an invented entity, then questions about it
+    answered from the description (no world fact is involved)."""
+    name, facts, text = invented(rng, syllables, taken)
+    qa = [rng.choice(CORPUS_QA).format(q=rng.choice(TEMPLATES[a]["ask"]).format(e=name), v=facts[a])
+          for a in rng.sample(list(facts), 2)]
+    return " ".join([text, *qa])
 
 
 def ask(rng: random.Random, ents: dict, steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -346,7 +359,7 @@ def generate(cfg: SynthConfig, out_dir: str) -> dict:
     ents, syllables = build_world(cfg, stream("world"))
     facts = [(e, a) for e, ent in ents.items() for a in ATTRS[ent["kind"]]]
     held = sorted(stream("heldout_facts").sample(facts, round(cfg.heldout_frac * len(facts))))
-    corpus = build_corpus(cfg, stream("corpus"), ents)
+    corpus = build_corpus(cfg, stream("corpus"), ents, syllables)
     rng = stream("chat")
     train, asked_train = build_split(rng, cfg, cfg.n_train, maker(rng, cfg, ents, syllables, held, False),
                                      set(), json.dumps, dedup=False)

@@ -19,6 +19,8 @@ def test_score_rows():
     assert wordy["exact_match"] == 0.0 and wordy["contains_answer"] == 1.0
     assert wordy["stopped"] == 0.0 and wordy["length_ok"] == 0.0
     assert score("Ridas", "Osk", True)["contains_answer"] == 0.0
+    assert score("It was 1250", "5", True)["contains_answer"] == 0.0  # whole words, not substrings
+    assert score("It was 5 or 6", "5", True)["contains_answer"] == 1.0
 
 
 def test_distinct3_catches_loops():

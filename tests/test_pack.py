@@ -56,8 +56,9 @@ def test_overlong_policy_is_counted(policy):
 
 def test_rendered_and_packed_files_round_trip(tmp_path):
     ids, labels = conversations(10)
-    write_rendered(str(tmp_path / "r.parquet"), [x.tolist() for x in ids], [x.tolist() for x in labels], list(range(10)))
-    ids2, labels2, rows = read_rendered(str(tmp_path / "r.parquet"))
+    path = str(tmp_path / "r.parquet")
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], list(range(10)))
+    ids2, labels2, rows = read_rendered(path)
     assert all(np.array_equal(a, b) for a, b in zip(ids, ids2)) and rows.tolist() == list(range(10))
     arrays, _ = pack(ids2, labels2, PackConfig(block_size=64))
     save_packed(arrays, str(tmp_path / "p"))
