@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV)/bin)
 TORCH ?= $(shell $(BIN)/python -c "import torch" >/dev/null 2>&1 || echo torch==2.13.0)
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: repro test clean-venv
+.PHONY: repro test bench-deps clean-venv
 
 $(VENV)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ repro: $(VENV)/.deps
 
 test: $(VENV)/.test-deps
 	$(RUN) python -m pytest -q
+
+# the peers the benchmarks in bench/ compare against (TRL, transformers); `make test` does not need them
+bench-deps: $(VENV)/.test-deps bench/requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH) -r requirements.txt -r bench/requirements.txt
 
 clean-venv:
 	rm -rf $(VENV)
