@@ -5,7 +5,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -21,6 +23,23 @@ class PublishConfig:
     repo_id: str = ""  # Hugging Face Hub repo, e.g. user/tiny-chat; empty: export only, no upload
     private: bool = True  # create the Hub repo as private
     model_name: str = "sft-chat"  # name shown in the model card
+    min_stopped: float = 0.9  # refuse to publish when the fine-tuned model ends fewer held-out answers than this
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_stopped <= 1.0:
+            raise ValueError(f"publish.min_stopped must be in [0, 1], got {self.min_stopped}")
+
+
+def check_gate(cfg: PublishConfig, metrics: dict) -> None:
+    """The publish gate: a chat model that does not stop makes servers generate until their limit."""
+    stopped = metrics.get("sft", {}).get("stopped")
+    if stopped is None:
+        raise ValueError("publish: the metrics have no sft.stopped; run the evaluate stage first")
+    if stopped < cfg.min_stopped:
+        raise ValueError(
+            f"publish: refusing to publish: sft.stopped = {stopped:.3f} is below publish.min_stopped = "
+            f"{cfg.min_stopped:.3f} (the fine-tuned model does not end enough held-out answers with <|end|>). "
+            "Train longer or check the mask in reports/render.json; set publish.min_stopped lower to publish anyway.")
 
 
 def file_hash(path: str) -> str:
@@ -31,12 +50,39 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _cell(group: dict, key: str) -> str:
+    value = group.get(key)
+    if not isinstance(value, float):
+        return str(value)
+    lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{value:.3f}"
+
+
 def eval_table(metrics: dict) -> str:
+    """Base vs fine-tuned, with the 95% interval where the metrics carry one (key_lo, key_hi)."""
     lines = ["| metric | base | sft |", "|---|---|---|"]
     for key in ("n", *METRICS):
-        row = [metrics.get(m, {}).get(key) for m in ("base", "sft")]
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {key} | {_cell(metrics.get('base', {}), key)} | {_cell(metrics.get('sft', {}), key)} |")
+    return "\n".join(lines)
+
+
+def lock_provenance(lock_path: str = "dvc.lock") -> str:
+    """What DVC recorded for the stages that made the model: input and output hashes (code files left out) and
+    params. Empty when there is no dvc.lock (a stage run by hand)."""
+    if not Path(lock_path).exists():
+        return ""
+    stages = (yaml.safe_load(Path(lock_path).read_text()) or {}).get("stages", {})
+    lines = []
+    for name in ("synth", "tokenizer", "base", "render", "pack", "train"):
+        stage = stages.get(name)
+        if not stage:
+            continue
+        files = [f"`{d['path']}` {d.get('md5', '?')}" for d in stage.get("deps", []) + stage.get("outs", [])
+                 if not d["path"].endswith(".py")]
+        params = stage.get("params", {}).get("params.yaml", {})
+        lines.append(f"- **{name}**: " + "; ".join(files))
+        if params:
+            lines.append(f"  params: `{json.dumps(params, separators=(',', ':'), default=str)}`")
     return "\n".join(lines)
 
 
@@ -47,6 +93,9 @@ def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, 
             f"SwiGLU {hf['intermediate_size']}, vocabulary {hf['vocab_size']}, "
             f"tied embeddings: {hf['tie_word_embeddings']}.")
     provenance = "\n".join(f"- `{path}`: sha256 `{digest}`" for path, digest in data.items())
+    lock = lock_provenance()
+    if lock:
+        provenance += f"\n\nRecorded by DVC (`dvc.lock`, md5 of inputs and outputs, params per stage):\n{lock}"
     return f"""---
 library_name: transformers
 tags: [sft, chat]
@@ -72,7 +121,8 @@ Decoding: greedy (or a low temperature), stop at `<|end|>`, a few dozen new toke
 ## Evaluation (held-out conversations, greedy, judge-free)
 {eval_table(metrics)}
 
-Rates are means over n examples; with small n a few points of difference are noise.
+Rates are means over n examples; brackets give a bootstrap 95% interval where measured. With small n a few points
+of difference are noise.
 
 ## Provenance
 Data and tokenizer:
@@ -99,16 +149,37 @@ def export(cfg: PublishConfig, model_dir: str, metrics_path: str, out: str, para
     (Path(out) / "README.md").write_text(model_card(cfg, model_dir, metrics, params, data))
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with a clear message, where the client would retry for half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise RuntimeError("publish: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or clear "
+                           "publish.repo_id")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"publish: cannot reach {endpoint} ({e}); the exported folder is intact, upload it "
+                           "later with `dvc repro publish` once online, or clear publish.repo_id") from None
+
+
 def push(cfg: PublishConfig, folder: str) -> str:
-    """Upload to the Hub when publish.repo_id and HF_TOKEN are set; otherwise say why not and return."""
+    """Upload to the Hub (or the server HF_ENDPOINT names) when publish.repo_id and HF_TOKEN are set; otherwise
+    say why not and return. The token goes in request headers only, never into a file."""
     token = os.environ.get("HF_TOKEN")
     if not cfg.repo_id:
         return "publish.repo_id is empty: exported only, nothing uploaded"
     if not token:
         return f"HF_TOKEN is not set: not uploading to {cfg.repo_id}"
+    endpoint = hub_endpoint()
+    check_reachable(endpoint)
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
     api.upload_folder(repo_id=cfg.repo_id, folder_path=folder, commit_message="Upload SFT model")
-    return f"uploaded {folder} to {cfg.repo_id}"
+    return f"uploaded {folder} to {cfg.repo_id} on {endpoint}"

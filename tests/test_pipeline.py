@@ -1,10 +1,12 @@
 """End to end: a temporary git + DVC copy of the project with tiny params; real `dvc repro`, `dvc exp run`,
-`dvc metrics diff` and `dvc push` to a local remote."""
+`dvc metrics diff`, and `dvc push`/`dvc pull` through a local folder remote and an S3-compatible server."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ TINY = {
     "pack": {"block_size": 128},
     "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2},
     "evaluate": {"limit": 8, "max_new_tokens": 6},
+    "publish": {"min_stopped": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
 }
 
 
@@ -33,8 +36,9 @@ def merge(params: dict, override: dict) -> None:
             params[key] = value
 
 
-def run(cmd: str, cwd: Path) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+def run(cmd: str, cwd: Path, extra_env: dict | None = None) -> str:
+    env = os.environ | (extra_env or {}) | {
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
                         "WANDB_MODE": "disabled", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
@@ -87,7 +91,61 @@ def test_lr_experiment_reruns_only_train_and_below(repo):
     assert "reports/metrics.json" in diff or "reports/train/metrics.json" in diff
 
 
-def test_push_to_a_local_remote(repo, tmp_path):
+def pull_into_fresh_clone(repo: Path, dest: Path, remote: str, env: dict | None = None) -> None:
+    """Clone the git repo (no DVC cache, no outputs), `dvc pull` from the remote, and check every output is back
+    byte for byte."""
+    run(f"git clone -q {repo} {dest}", repo)
+    run(f"dvc pull -r {remote}", dest, env)
+    for out in ("models/sft", "models/base", "data/packed", "publish/model"):
+        files = sorted(p.relative_to(repo) for p in (repo / out).rglob("*") if p.is_file())
+        assert files, out
+        for f in files:
+            assert (dest / f).read_bytes() == (repo / f).read_bytes(), f
+    assert "up to date" in run("dvc status", dest, env)
+
+
+def test_push_and_pull_with_a_local_remote(repo, tmp_path):
     store = tmp_path / "store"
-    run(f"dvc remote add -d local {store} && dvc push", repo)
+    run(f"dvc remote add -d local {store} && git add -A && git commit -qm remote && dvc push", repo)
     assert sum(1 for p in store.rglob("*") if p.is_file()) > 10
+    pull_into_fresh_clone(repo, tmp_path / "clone", "local")
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """moto's S3-compatible server on 127.0.0.1 (offline), with an empty bucket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3", endpoint_url=url, **{"aws_access_key_id": "test", "aws_secret_access_key": "test",
+                                               "region_name": "us-east-1"}).create_bucket(Bucket="models")
+        yield url, env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_push_and_pull_with_an_s3_remote(repo, tmp_path, s3_server):
+    url, env = s3_server
+    run(f"dvc remote add s3 s3://models/sft && dvc remote modify s3 endpointurl {url} && git add -A && "
+        "git commit -qm 's3 remote'", repo)
+    run("dvc push -r s3", repo, env)
+    import boto3
+
+    listed = boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1").list_objects_v2(Bucket="models")
+    assert listed["KeyCount"] > 10
+    pull_into_fresh_clone(repo, tmp_path / "clone", "s3", env)

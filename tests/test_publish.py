@@ -1,11 +1,21 @@
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.chat import render, render_text
 from pipeline.model import save_model
-from pipeline.publish import PublishConfig, export, push
+from pipeline.publish import PublishConfig, check_gate, export, model_card, push
 from tests.conftest import CONVERSATIONS, tiny_model
+from tests.hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METRICS = {"base": {"n": 3, "exact_match": 0.0, "contains_answer": 0.0, "stopped": 0.0, "length_ok": 0.0,
                     "distinct3": 0.5, "dev_loss": 5.0},
@@ -53,3 +63,83 @@ def test_push_skips_with_a_reason(published, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     assert "repo_id is empty" in push(PublishConfig(), str(published))
     assert "HF_TOKEN is not set" in push(PublishConfig(repo_id="me/model"), str(published))
+
+
+def test_gate_refuses_a_model_that_does_not_stop():
+    check_gate(PublishConfig(min_stopped=0.9), METRICS)  # sft.stopped = 1.0 passes
+    low = {"base": METRICS["base"], "sft": METRICS["sft"] | {"stopped": 0.42}}
+    with pytest.raises(ValueError, match=r"sft.stopped = 0.420 is below publish.min_stopped = 0.900"):
+        check_gate(PublishConfig(min_stopped=0.9), low)
+    check_gate(PublishConfig(min_stopped=0.4), low)
+    with pytest.raises(ValueError, match="no sft.stopped"):
+        check_gate(PublishConfig(), {"base": METRICS["base"]})
+
+
+def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch):
+    lock = {"schema": "2.0", "stages": {"train": {
+        "cmd": "python -m stages.train", "params": {"params.yaml": {"train": {"lr": 3e-4}}},
+        "deps": [{"path": "data/packed", "md5": "abc.dir"}, {"path": "stages/train.py", "md5": "code"}],
+        "outs": [{"path": "models/sft", "md5": "def.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.chdir(tmp_path)
+    metrics = {"base": METRICS["base"] | {"stopped_lo": 0.0, "stopped_hi": 0.1},
+               "sft": METRICS["sft"] | {"stopped_lo": 0.9, "stopped_hi": 1.0}}
+    save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "model"))
+    card = model_card(PublishConfig(), str(tmp_path / "model"), metrics, {}, {})
+    assert "| stopped | 0.000 [0.000, 0.100] | 1.000 [0.900, 1.000] |" in card
+    assert "**train**: `data/packed` abc.dir; `models/sft` def.dir" in card and "stages/train.py" not in card
+    assert '"lr":0.0003' in card
+
+
+TOKEN = "hf_TestSecretToken0123456789abcdef"
+
+
+def publish_stage(tmp_path, tok, env: dict, metrics: dict = METRICS) -> subprocess.CompletedProcess:
+    """Run the real publish stage in a scratch project folder, as DVC would."""
+    save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "sft"))
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
+    params = {"publish": {"repo_id": "tester/tiny-chat", "private": True, "model_name": "tiny", "min_stopped": 0.5}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return subprocess.run([sys.executable, "-m", "stages.publish", "sft", "metrics.json", "out", "train.jsonl"],
+                          cwd=tmp_path, env=clean | {"PYTHONPATH": str(ROOT)} | env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_upload_to_a_hub_server_on_localhost(tok, tmp_path):
+    with HubServer() as hub:
+        proc = publish_stage(tmp_path, tok, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert f"uploaded out to tester/tiny-chat on {hub.url}" in proc.stdout
+    repo = hub.state.repos["tester/tiny-chat"]
+    assert repo["private"] and repo["commits"] == ["Upload SFT model"]
+    exported = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert repo["files"] == exported  # the whole folder, byte for byte
+    assert "| stopped | 0.000 | 1.000 |" in repo["files"]["README.md"].decode()
+    # the token travels in the Authorization header, and nowhere else
+    assert all(h.get("authorization") == f"Bearer {TOKEN}" for m, _, h in hub.state.requests if m == "POST")
+    assert not any(TOKEN.encode() in data for data in repo["files"].values())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not any(TOKEN.encode() in p.read_bytes() for p in written)
+    assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_upload_without_network_fails_fast_and_clearly(tok, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.monotonic()
+    proc = publish_stage(tmp_path, tok, {"HF_ENDPOINT": dead, "HF_TOKEN": TOKEN})
+    assert proc.returncode != 0 and f"cannot reach {dead}" in proc.stderr
+    assert time.monotonic() - t0 < 20  # the client's own retries take ~25 s
+    assert (tmp_path / "out" / "model.safetensors").exists()  # the export itself is kept
+    proc = publish_stage(tmp_path / "out", tok, {"HF_HUB_OFFLINE": "1", "HF_TOKEN": TOKEN})
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in proc.stderr
+
+
+def test_stage_refuses_to_publish_below_the_gate(tok, tmp_path):
+    low = {"base": METRICS["base"], "sft": METRICS["sft"] | {"stopped": 0.2}}
+    proc = publish_stage(tmp_path, tok, {"HF_TOKEN": TOKEN}, metrics=low)
+    assert proc.returncode != 0 and "refusing to publish: sft.stopped = 0.200" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,133 @@
+"""A Hub-compatible HTTP server on 127.0.0.1 for upload tests: the endpoints `huggingface_hub` calls to create a
+repo and commit files (repo creation, preupload, commit as NDJSON). Every file is offered as a regular (inline)
+upload, so no LFS/Xet transfer is emulated. It records the files and the request headers it received."""
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import yaml
+
+
+class HubState:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
+        self.requests: list[tuple[str, str, dict]] = []  # (method, path, lower-cased headers)
+        self.lock = threading.Lock()
+
+
+def _handler(state: HubState):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def _authorized(self) -> bool:
+            if not self.headers.get("Authorization", "").startswith("Bearer "):
+                self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                return False
+            return True
+
+        def do_GET(self):
+            with state.lock:
+                state.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+            if self.path.startswith("/api/whoami"):
+                if self._authorized():
+                    self._reply(200, {"name": "tester", "type": "user", "auth": {"type": "access_token"}})
+                return
+            self._reply(404, {"error": f"not emulated: GET {self.path}"})
+
+        def do_POST(self):
+            body = self._body()
+            with state.lock:
+                state.requests.append(("POST", self.path, {k.lower(): v for k, v in self.headers.items()}))
+            if not self._authorized():
+                return
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if parts == ["api", "validate-yaml"]:  # the model card's front matter
+                content = json.loads(body)["content"]
+                front = content.split("---")[1] if content.startswith("---") else ""
+                try:
+                    yaml.safe_load(front)
+                except yaml.YAMLError as e:
+                    self._reply(400, {"errors": [{"message": str(e)}], "warnings": []})
+                    return
+                self._reply(200, {"errors": [], "warnings": []})
+                return
+            if parts[:3] == ["api", "repos", "create"]:
+                req = json.loads(body)
+                repo_id = f"{req.get('organization') or 'tester'}/{req['name']}"
+                with state.lock:
+                    state.repos.setdefault(repo_id, {"private": req.get("visibility") == "private",
+                                                     "files": {}, "commits": []})
+                self._reply(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+                return
+            if len(parts) >= 6 and parts[0] == "api" and parts[1] == "models":
+                repo_id, action = f"{parts[2]}/{parts[3]}", parts[4]
+                if repo_id not in state.repos:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if action == "preupload":
+                    files = json.loads(body)["files"]
+                    self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                for f in files]})
+                    return
+                if action == "commit":
+                    self._commit(repo_id, body)
+                    return
+            self._reply(404, {"error": f"not emulated: POST {self.path}"})
+
+        def _commit(self, repo_id: str, body: bytes) -> None:
+            files, message = {}, ""
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "header":
+                    message = item["value"].get("summary", "")
+                elif item["key"] == "file":
+                    value = item["value"]
+                    content = value["content"]
+                    files[value["path"]] = base64.b64decode(content) if value.get("encoding") == "base64" \
+                        else content.encode()
+                else:
+                    self._reply(400, {"error": f"not emulated: commit item {item['key']}"})
+                    return
+            with state.lock:
+                repo = state.repos[repo_id]
+                repo["files"].update(files)
+                repo["commits"].append(message)
+                oid = f"{len(repo['commits']):040x}"
+            self._reply(200, {"success": True, "commitOid": oid,
+                              "commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{oid}"})
+
+    return Handler
+
+
+class HubServer:
+    """Context manager: a running server; `.url` for HF_ENDPOINT, `.state` for what it received."""
+
+    def __init__(self):
+        self.state = HubState()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
