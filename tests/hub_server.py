@@ -1,7 +1,8 @@
-"""A Hub-compatible HTTP server on 127.0.0.1 for upload tests: the endpoints `huggingface_hub` calls to create a
-repo and commit files (repo creation, preupload, commit as NDJSON). Every file is offered as a regular (inline)
-upload, so no LFS/Xet transfer is emulated. It records the files and the request headers it received."""
+"""A Hub-compatible HTTP server on 127.0.0.1 for tests: the endpoints `huggingface_hub` calls to create a repo,
+commit files (preupload, commit as NDJSON) and download them (repo info, resolve). Every file is offered as a
+regular (inline) upload, so no LFS/Xet transfer is emulated. It records the files and request headers it received."""
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,12 +39,61 @@ def _handler(state: HubState):
                 return False
             return True
 
+        def _file(self, head: bool) -> bool:
+            """GET/HEAD /{org}/{name}/resolve/{revision}/{path}: a stored file, with the headers the client reads."""
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve":
+                return False
+            repo = state.repos.get(f"{parts[0]}/{parts[1]}")
+            data = repo and repo["files"].get("/".join(parts[4:]))
+            if data is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", f"{len(repo['commits']):040x}")
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+            return True
+
+        def do_HEAD(self):
+            with state.lock:
+                state.requests.append(("HEAD", self.path, {k.lower(): v for k, v in self.headers.items()}))
+            if not self._file(head=True):
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
         def do_GET(self):
             with state.lock:
                 state.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+            parts = self.path.split("?")[0].strip("/").split("/")
             if self.path.startswith("/api/whoami"):
                 if self._authorized():
                     self._reply(200, {"name": "tester", "type": "user", "auth": {"type": "access_token"}})
+                return
+            if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "tree":
+                repo = state.repos.get(f"{parts[2]}/{parts[3]}", {"files": {}})
+                self._reply(200, [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                                  for f, d in repo["files"].items()])
+                return
+            if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
+                repo = state.repos.get(f"{parts[2]}/{parts[3]}")
+                if repo is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._reply(200, {"id": f"{parts[2]}/{parts[3]}", "sha": f"{len(repo['commits']):040x}",
+                                  "private": repo["private"], "siblings": [{"rfilename": f} for f in repo["files"]]})
+                return
+            if self._file(head=False):
                 return
             self._reply(404, {"error": f"not emulated: GET {self.path}"})
 

@@ -143,3 +143,21 @@ def test_stage_refuses_to_publish_below_the_gate(tok, tmp_path):
     proc = publish_stage(tmp_path, tok, {"HF_TOKEN": TOKEN}, metrics=low)
     assert proc.returncode != 0 and "refusing to publish: sft.stopped = 0.200" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_model_from_a_hub_repo_id(tok, tmp_path):
+    """Publish to the local Hub server, then name it as a base model: hf://org/name downloads it."""
+    with HubServer() as hub:
+        assert publish_stage(tmp_path, tok, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}).returncode == 0
+        code = ("import sys; from pipeline.sources import resolve_model; from pipeline.model import load_model; "
+                "folder = resolve_model('hf://tester/tiny-chat', sys.argv[1]); print(folder); load_model(folder)")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work")], capture_output=True, text=True,
+                              env=clean | {"PYTHONPATH": str(ROOT), "HF_ENDPOINT": hub.url}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work2")], capture_output=True, text=True,
+                          env=clean | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode != 0 and "cannot download tester/tiny-chat: HF_HUB_OFFLINE is set" in proc.stderr
