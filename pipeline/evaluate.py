@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from pipeline.chat import END, load_tokenizer, read_conversations, render_prompt
 from pipeline.common import Compute, setup_compute, write_json
-from pipeline.model import generate, load_model
+from pipeline.generate import generate
+from pipeline.model import load_model
 from pipeline.pack import load_packed, to_batch
 
 
