@@ -8,9 +8,11 @@ import torch
 
 from pipeline.chat import labels_from, load_tokenizer, render, render_prompt, save_tokenizer, train_tokenizer
 from pipeline.common import setup_compute
+from pipeline.compare import compare
+from pipeline.compare import main as compare_main
 from pipeline.evaluate import (DuringTrainConfig, EvaluateConfig, answer, bootstrap_ci, dev_prompts, distinct3,
                                evaluate_pair, make_train_evaluator, mc_rows, normalize, option_letters, paired,
-                               score, summarize)
+                               score, summarize, write_parquet)
 from pipeline.model import save_model
 from pipeline.pack import PackConfig, pack, save_packed
 from pipeline.report import make_report
@@ -208,3 +210,21 @@ def test_train_logs_generation_metrics_and_samples_at_eval_points(tok, tmp_path)
     samples = [json.loads(line) for line in (live / "samples.jsonl").read_text().splitlines()]
     assert [s["eval"] for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert "## evaluation 3" in (live / "samples.md").read_text()
+
+
+def test_compare_two_experiments_example_by_example(tmp_path, capsys):
+    def rows(outputs):
+        return [{"example": i, "model": "sft", "prompt": f"q{i}", "gold": "osk", "output": o} | score(o, "osk", True)
+                for i, o in enumerate(outputs)]
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_parquet(str(a), rows(["osk", "tal", "tal", "osk"]))
+    write_parquet(str(b), rows(["osk", "osk", "the osk", "tal"]))
+    summary, changed = compare(str(a), str(b))
+    assert summary["n"] == 4 and summary["contains_answer"] == pytest.approx(0.25)
+    assert summary["contains_answer_wins"] == 2 and summary["contains_answer_losses"] == 1
+    assert [ra["example"] for ra, _ in changed] == [1, 2, 3]
+    compare_main([str(a), str(b)])
+    assert "contains_answer" in capsys.readouterr().out
+    write_parquet(str(b), rows(["osk", "osk"]))
+    with pytest.raises(SystemExit, match="same examples"):
+        compare(str(a), str(b))
