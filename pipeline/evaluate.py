@@ -268,7 +268,8 @@ def write_samples(folder: str, call: int, tok, examples, answers) -> None:
             prompt_text = tok.decode(prompt, skip_special_tokens=False)
             jl.write(json.dumps({"eval": call, "prompt": prompt_text, "gold": gold, "output": text,
                                  "stopped": stopped}, ensure_ascii=False) + "\n")
-            md.write(f"- `{prompt_text[-120:]}` -> **{text[:200]}** (gold: {gold}{'' if stopped else ', no stop'})\n")
+            shown = prompt_text[-120:].replace("\n", " ⏎ ")  # one Markdown line per sample
+            md.write(f"- `…{shown}` → **{text[:200]}** (gold: {gold}{'' if stopped else ', no stop'})\n")
 
 
 # ---- the stage --------------------------------------------------------------------------------------------
