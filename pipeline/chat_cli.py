@@ -5,7 +5,6 @@ one user message (or, with --lines, each non-empty line is the next user turn) a
 import argparse
 import sys
 
-import torch
 
 from pipeline.chat import END, load_tokenizer, read_conversations, render_prompt
 from pipeline.common import setup_compute
@@ -102,7 +101,6 @@ def main(argv=None) -> None:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    torch.set_grad_enabled(False)
     chat = Chat(args.model_dir, sampling, args.max_new_tokens, args.device, args.system, history)
     if sys.stdin.isatty():
         interactive(chat)

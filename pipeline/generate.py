@@ -46,7 +46,8 @@ class KVCache:
         rep = H // n_kv
         if T > 1:  # a prompt: fused attention over the (few) repeated key/value heads
             keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            # a bool mask (True: attend) is accepted whatever dtype autocast gives q, k, v
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask == 0)
         q = q.reshape(B, n_kv, rep, D)  # heads g*rep .. g*rep+rep-1 share key/value head g
         scores = torch.matmul(q, keys.transpose(-1, -2)) * D**-0.5 + mask  # (B, Hkv, rep, S)
         y = torch.matmul(scores.softmax(-1), values)  # (B, Hkv, rep, D)
