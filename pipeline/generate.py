@@ -26,7 +26,7 @@ GREEDY = Sampling()
 
 class KVCache:
     """Preallocated keys/values per layer, (B, n_kv_head, max_len, head_dim); `length` slots are filled.
-    The model's Attention writes the new keys/values at `length`; `keep` drops finished rows."""
+    The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops finished rows."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.generate import Sampling, generate, pick
+from pipeline.generate import KVCache, Sampling, generate, pick
 from tests.conftest import tiny_model
 
 STOP = 4
@@ -26,13 +26,13 @@ def test_batched_cached_greedy_equals_one_by_one(tok):
         assert out == one_by_one(model, prompt, 12, STOP)
 
 
-def test_rows_stop_on_their_own_and_finished_rows_are_dropped(tok):
+def test_rows_stop_on_their_own_and_finished_rows_are_dropped(tok, monkeypatch):
     """The stop id is chosen among the tokens the model really writes, at different steps in different rows:
     rows stop on their own, the batch shrinks (compaction), and every row still equals its one-by-one decoding."""
     model = tiny_model(tok.get_vocab_size(), seed=1, init_std=0.5).eval()  # large weights: varied outputs
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, tok.get_vocab_size(), (int(n),), generator=g).tolist()
-               for n in torch.randint(1, 12, (16,), generator=g)]
+               for n in torch.randint(1, 12, (12,), generator=g)]
     free = generate(model, prompts, max_new_tokens=16, stop_id=-1)  # no stop: every row runs 16 tokens
     first = {}  # token -> first step it appears, per row
     for row in free:
@@ -40,7 +40,11 @@ def test_rows_stop_on_their_own_and_finished_rows_are_dropped(tok):
             first.setdefault(t, []).append(row.index(t))
     stop = max(first, key=lambda t: (len(set(first[t])), len(first[t])))
     assert len(set(first[stop])) >= 3, "need a token that appears first at several different steps"
+    kept = []  # batch sizes after each compaction
+    keep = KVCache.keep
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (kept.append(len(rows)), keep(self, rows)))
     outs = generate(model, prompts, max_new_tokens=16, stop_id=stop)
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < len(prompts)  # the batch shrank
     assert outs == [one_by_one(model, p, 16, stop) for p in prompts]
     assert len({len(o) for o in outs}) >= 3
     for out, row in zip(outs, free):
