@@ -220,3 +220,9 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str) -> dict
     rendered = render_many(conversations, tok)
     write_rendered(out, [ids for ids, _ in rendered], [labels_from(ids, m) for ids, m in rendered], rows)
     return render_report(rendered, tok, n_read, dropped)
+
+
+if __name__ == "__main__":  # `python -m pipeline.chat MODEL_DIR`: the terminal chat of pipeline/chat_cli.py
+    from pipeline.chat_cli import main
+
+    main()

@@ -66,16 +66,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
-    """Preallocated keys/values per layer for batched decoding; `length` positions are filled."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -86,18 +76,15 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
         self.o = nn.Linear(cfg.n_head * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):  # cache: pipeline.generate.KVCache
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+        if cache is not None:  # decoding: the cache stores k, v and attends (pipeline/generate.py)
+            return self.o(cache.attend(layer, q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         rep = cfg.n_head // cfg.n_kv_head
         if rep > 1:  # query head h reads key/value head h // rep, as HF's repeat_kv
             k = k.repeat_interleave(rep, dim=1)
@@ -311,48 +298,3 @@ def load_model(folder: str, device="cpu") -> Transformer:
     by_hf = {to_hf_name(n): n for n in model.state_dict()}
     model.load_state_dict({by_hf[k]: v for k, v in tensors.items()}, strict=not cfg.tie_embeddings)
     return model.to(device)
-
-
-# ---- generation -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
-             temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """Batched decoding with a key/value cache. Prompts are left-padded; each row stops on its own at
-    `stop_id` (included in its output) or after max_new_tokens. temperature 0 is greedy."""
-    model.eval()
-    device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    total = P + max_new_tokens
-    ids = torch.zeros(B, P, dtype=torch.long, device=device)
-    valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        valid[i, P - len(p):] = True
-    pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
-    cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype)
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    # pad queries attend to themselves only, so no softmax row is empty
-    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = pos[:, -1] + 1
-    x = ids
-    for step in range(max_new_tokens):
-        logits = model.lm_head(model.hidden(x, pos, mask[:, None], cache)[:, -1]).float()
-        cache.length += x.shape[1]
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        else:
-            tok = logits.argmax(-1)
-        for i in (~done).nonzero()[:, 0].tolist():
-            out[i].append(tok[i].item())
-        done |= tok == stop_id
-        if bool(done.all()):
-            break
-        x, pos = tok[:, None], next_pos[:, None]
-        next_pos = next_pos + 1
-        valid[:, cache.length] = True
-        mask = valid[:, None, : cache.length + 1]  # (B, 1, S): the new token sees every real slot
-    return out

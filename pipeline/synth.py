@@ -1,5 +1,6 @@
 """The bundled default data: a seeded fictional world of towns and people, written as a pretraining corpus
-(corpus.jsonl, {"text"}) and chat splits (train/dev/heldout.jsonl, {"messages"}) whose answers are short spans.
+(corpus.jsonl, {"text"}) and chat splits (train/dev/heldout.jsonl, {"messages"}) whose answers are short spans,
+plus mc.jsonl: multiple-choice questions (options `a) ...` to `d) ...`, the gold answer a letter) about known facts.
 A fixed fraction of (entity, attribute) facts is stated in the corpus but asked about only in heldout.jsonl.
 Randomness comes only from random.Random streams seeded by cfg.seed, so a seed gives byte-identical files."""
 import itertools
@@ -107,6 +108,8 @@ class SynthConfig:
     max_turns: int = 3  # most user/assistant exchanges in a multi-turn conversation
     system_frac: float = 0.3  # fraction of conversations that begin with a system message
     arith_max: int = 20  # operands are drawn from 0..arith_max; differences are never negative
+    n_mc: int = 200  # multiple-choice questions in mc.jsonl (options a-d, gold = a letter) about known facts
+    n_mc_train: int = 0  # multiple-choice conversations added to train.jsonl, about other known facts than mc.jsonl
 
     def __post_init__(self):
         for name in ("corpus_question_frac", "heldout_frac", "system_frac") + tuple(f"frac_{t}" for t in TASKS):
@@ -115,7 +118,7 @@ class SynthConfig:
         if abs(sum(getattr(self, f"frac_{t}") for t in TASKS) - 1.0) > 1e-6:
             raise ValueError("synth.frac_fact + frac_passage + frac_arith + frac_multi must sum to 1")
         lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
-                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0)
+                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0, n_mc=0, n_mc_train=0)
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise ValueError(f"synth.{name}={getattr(self, name)} must be at least {low}")
@@ -349,6 +352,32 @@ def maker(rng, cfg, ents, syllables, held: list, heldout: bool):
     return make
 
 
+MC_LETTERS = "abcd"  # single tokens in the bundled tokenizer (capital A and C are not)
+MC_ASK = ["{q}\n{options}\nAnswer with a, b, c or d.", "{q} Pick one option.\n{options}",
+          "Choose the right answer.\n{q}\n{options}"]
+
+
+def mc_question(rng: random.Random, ents: dict, fact: tuple[str, str]) -> dict:
+    """A multiple-choice conversation about one world fact: the true value among up to three other values of
+    the same attribute, options shuffled and labelled a) b) c) d); the gold answer is the letter."""
+    name, attr = fact
+    truth = ents[name][attr]
+    others = sorted({e[attr] for e in ents.values() if attr in e} - {truth})
+    options = rng.sample(others, min(len(MC_LETTERS) - 1, len(others))) + [truth]
+    rng.shuffle(options)
+    listed = "\n".join(f"{letter}) {o}" for letter, o in zip(MC_LETTERS, options))
+    q = rng.choice(TEMPLATES[attr]["ask"]).format(e=name)
+    return chat(None, [(rng.choice(MC_ASK).format(q=q, options=listed), MC_LETTERS[options.index(truth)])])
+
+
+def mc_split(rng: random.Random, ents: dict, facts: list, n: int) -> list[dict]:
+    """n multiple-choice conversations cycling through `facts` in a seeded order."""
+    if n and not facts:
+        raise ValueError("synth: no facts left for multiple-choice questions")
+    order = rng.sample(facts, len(facts))
+    return [mc_question(rng, ents, order[i % len(order)]) for i in range(n)]
+
+
 def write_jsonl(path: Path, rows: list) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -367,13 +396,22 @@ def generate(cfg: SynthConfig, out_dir: str) -> dict:
                                  {json.dumps(c) for c in train}, json.dumps, dedup=True)
     heldout, asked_heldout = build_split(rng, cfg, cfg.n_heldout, maker(rng, cfg, ents, syllables, held, True),
                                          {user_key(c) for c in train + dev}, user_key, dedup=True)
+    # multiple choice: its own random stream, so the other files do not change with n_mc / n_mc_train; known
+    # (not held-out) facts, split in two: mc.jsonl asks about one half, train.jsonl's MC rows about the other
+    mc_rng = stream("mc")
+    known = [f for f in facts if f not in set(held)]
+    mc_rng.shuffle(known)
+    half = len(known) // 2 if cfg.n_mc_train else len(known)
+    mc = mc_split(mc_rng, ents, known[:half], cfg.n_mc)
+    train += mc_split(mc_rng, ents, known[half:], cfg.n_mc_train)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("corpus", [{"text": d} for d in corpus]), ("train", train), ("dev", dev), ("heldout", heldout)):
+    for name, rows in (("corpus", [{"text": d} for d in corpus]), ("train", train), ("dev", dev), ("heldout", heldout),
+                       ("mc", mc)):
         write_jsonl(out / f"{name}.jsonl", rows)
     asked = {"train": asked_train, "dev": asked_dev, "heldout": asked_heldout}
     world = {"config": asdict(cfg), "entities": ents, "heldout_facts": [list(f) for f in held],
              "asked": {k: sorted(set(v)) for k, v in asked.items()}}
     (out / "world.json").write_text(json.dumps(world, indent=1) + "\n")
     return {"corpus_docs": len(corpus), "corpus_chars": sum(map(len, corpus)), "train": len(train),
-            "dev": len(dev), "heldout": len(heldout), "facts": len(facts), "heldout_facts": len(held)}
+            "dev": len(dev), "heldout": len(heldout), "mc": len(mc), "facts": len(facts), "heldout_facts": len(held)}

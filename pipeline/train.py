@@ -6,14 +6,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.chat import IGNORE_INDEX, load_tokenizer
-from pipeline.common import Compute, print0, setup_compute
-from pipeline.evaluate import evaluate_loss
+from pipeline.common import Compute, load_params, print0, setup_compute
+from pipeline.evaluate import EvaluateConfig, evaluate_loss, make_train_evaluator
 from pipeline.model import ModelConfig, Transformer, load_model, save_model, shift_targets
 from pipeline.pack import PackConfig, load_packed, pack, row_order, to_batch
 
@@ -136,8 +137,10 @@ def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
 
 
 def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: dict, dev_data: dict | None,
-          live_dir: str | None = None, desc: str = "train") -> dict:
-    """Train `model` in place on packed rows; returns a summary. Data order and init are seeded."""
+          live_dir: str | None = None, desc: str = "train",
+          evaluator: Callable[[Transformer], dict[str, float]] | None = None) -> dict:
+    """Train `model` in place on packed rows; returns a summary. Data order and init are seeded.
+    evaluator(model), if given, runs at every dev evaluation; its floats are logged at that step."""
     device = compute.device
     model.to(device)
     n_steps = total_steps(cfg, len(train_data["ids"]))
@@ -155,8 +158,9 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         last_step = step == n_steps
         if dev_data is not None and (step % cfg.eval_every == 0 or last_step):
             dev_loss = evaluate_loss(model, dev_data, cfg.batch_size, compute)
-            log({"dev_loss": dev_loss}, step)
-            summary["dev_loss"] = dev_loss
+            extra = evaluator(model) if evaluator is not None else {}
+            log({"dev_loss": dev_loss} | extra, step)
+            summary |= {"dev_loss": dev_loss} | extra
         if last_step:
             break
         t0 = time.time()
@@ -242,6 +246,10 @@ def finetune(cfg: TrainConfig, base: str, packed: str, out: str, live_dir: str) 
     model = load_model(base)
     compute = setup_compute(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    summary = train(cfg, model, compute, load_packed(f"{packed}/train"), load_packed(f"{packed}/dev"), live_dir, "sft")
+    dev = load_packed(f"{packed}/dev")
+    # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
+    during = load_params("evaluate", EvaluateConfig).during_train
+    evaluator = make_train_evaluator(tok, dev, during, compute, live_dir)
+    summary = train(cfg, model, compute, load_packed(f"{packed}/train"), dev, live_dir, "sft", evaluator)
     print0(f"sft: {summary}")
     save_model(model.cpu(), tok, out)

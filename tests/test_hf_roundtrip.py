@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.chat import END, render, render_prompt, render_text
-from pipeline.model import generate, save_model
+from pipeline.generate import generate
+from pipeline.model import save_model
 from tests.conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.chat import IGNORE_INDEX
-from pipeline.model import generate, load_model, save_model
+from pipeline.model import load_model, save_model
 from tests.conftest import tiny_model
 
 
@@ -67,17 +67,3 @@ def test_loss_scores_logits_at_t_against_labels_at_t_plus_1_only_where_trained(t
     with torch.no_grad():
         empty, n0 = model(ids, torch.full_like(ids, IGNORE_INDEX))
     assert int(n0) == 0 and torch.isfinite(empty) and float(empty) == 0.0  # a fully masked batch is no NaN
-
-
-def test_batched_cached_generation_equals_one_by_one_greedy(tok):
-    model = tiny_model(tok.get_vocab_size()).eval()
-    prompts = [[1, 40, 41, 42, 4, 2], [1, 50, 4, 2], [3, 60, 61, 4, 1, 62, 63, 64, 4, 2]]
-    batched = generate(model, prompts, max_new_tokens=12, stop_id=4)
-    for prompt, out in zip(prompts, batched):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-                if seq[-1] == 4:
-                    break
-        assert out == seq[len(prompt):]

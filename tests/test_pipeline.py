@@ -17,13 +17,13 @@ STAGES = ["synth", "tokenizer", "base", "render", "pack", "train", "evaluate", "
 
 TINY = {
     "synth": {"n_towns": 6, "n_people": 12, "docs_per_entity": 2, "n_arith_docs": 10, "n_train": 80, "n_dev": 16,
-              "n_heldout": 12},
+              "n_heldout": 12, "n_mc": 8, "n_mc_train": 0},
     "tokenizer": {"vocab_size": 300},
     "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "intermediate_size": 64},
     "base": {"block_size": 64, "pretrain": {"max_steps": 3, "batch_size": 4}},
     "pack": {"block_size": 128},
     "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2},
-    "evaluate": {"limit": 8, "max_new_tokens": 6},
+    "evaluate": {"limit": 8, "max_new_tokens": 6, "n_boot": 200, "during_train": {"prompts": 4, "max_new_tokens": 4}},
     "publish": {"min_stopped": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
 }
 

@@ -113,3 +113,38 @@ def test_task_mix(data):
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         SynthConfig(**bad)
+
+
+def mc_fact(question: str, world: dict) -> tuple[str, str]:
+    """The (entity, attribute) a multiple-choice question asks about, found from the question templates."""
+    first = question.split("\n")[0] if not question.startswith("Choose") else question.split("\n")[1]
+    hits = [(e, a) for e, ent in world["entities"].items() for a in ent if a != "kind"
+            for t in TEMPLATES[a]["ask"] if first.startswith(t.format(e=e))]
+    assert len(hits) == 1, (question, hits)
+    return hits[0]
+
+
+def test_multiple_choice_split(data, tmp_path):
+    _, splits, _, world, out = data
+    counts = generate(SynthConfig(**SMALL, n_mc=30, n_mc_train=20), str(tmp_path))
+    assert counts["mc"] == 30 and counts["train"] == 300 + 20
+    for f in ("corpus.jsonl", "dev.jsonl", "heldout.jsonl"):  # the MC stream leaves the other files alone
+        assert (tmp_path / f).read_bytes() == (out / f).read_bytes(), f
+    train = read_jsonl(tmp_path / "train.jsonl")
+    assert train[:300] == splits["train"]
+    held = {tuple(f) for f in world["heldout_facts"]}
+    facts = {}
+    for name, convs in (("mc", read_jsonl(tmp_path / "mc.jsonl")), ("train", train[300:])):
+        facts[name] = set()
+        for conv in convs:
+            (user, gold) = [m["content"] for m in conv["messages"]]
+            options = dict(re.findall(r"^([a-d])\) (.+)$", user, re.MULTILINE))
+            assert list(options) == list("abcd")[: len(options)] and len(options) >= 2 and gold in options
+            e, a = mc_fact(user, world)
+            assert options[gold] == world["entities"][e][a]  # the gold letter labels the true value
+            assert len(set(options.values())) == len(options)  # distractors differ from it and each other
+            assert (e, a) not in held  # asked about known facts only
+            facts[name].add((e, a))
+    assert facts["mc"] and facts["train"] and not facts["mc"] & facts["train"]
+    golds = [c["messages"][-1]["content"] for c in read_jsonl(tmp_path / "mc.jsonl")]
+    assert len(set(golds)) >= 3  # the right answer is not always under the same letter

@@ -1,0 +1,135 @@
+"""Pictures and the Markdown report of the evaluate stage (PNG, offline): training curves (loss, dev loss, lr,
+and the generation metrics logged during training) from DVCLive's TSV files, base-vs-SFT metric bars with their
+bootstrap 95% intervals, and held-out prompts answered by both models side by side."""
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+import pyarrow.parquet as pq
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+BARS = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3", "mc_accuracy")
+
+
+def read_tsv(path: Path) -> tuple[list[float], list[float]]:
+    """A DVCLive plot file (`step<TAB>name` header, one row per logged step) -> (steps, values)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:]
+    return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+
+
+def plot_training(curves_dir: str, out_png: str) -> list[str]:
+    """Loss with dev loss, learning rate, and the gen_* rates if logged; returns the curves drawn."""
+    curves = {p.stem: read_tsv(p) for p in sorted(Path(curves_dir).glob("*.tsv"))}
+    if "loss" not in curves:
+        raise FileNotFoundError(f"{curves_dir}: no loss.tsv (the training curves of the train stage)")
+    gen = [k for k in curves if k.startswith("gen_")]
+    fig, axes = plt.subplots(1, 3 if gen else 2, figsize=(15 if gen else 10, 3.8))
+    axes[0].plot(*curves["loss"], label="train loss", lw=1)
+    if "dev_loss" in curves:
+        axes[0].plot(*curves["dev_loss"], "o-", label="dev loss", ms=3)
+    axes[0].set(xlabel="step", ylabel="loss (nats per trained token)", yscale="log", title="loss")
+    axes[0].legend()
+    if "lr" in curves:
+        axes[1].plot(*curves["lr"])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    for k in gen:
+        axes[2].plot(*curves[k], "o-", ms=3, label=k.removeprefix("gen_"))
+    if gen:
+        axes[2].set(xlabel="step", ylabel="rate on dev prompts", ylim=(-0.02, 1.02), title="generation during training")
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return list(curves)
+
+
+def plot_metrics(metrics: dict, out_png: str, models=("base", "sft")) -> None:
+    """Grouped bars per metric, one per model, with the bootstrap 95% interval as error bars."""
+    keys = [k for k in BARS if all(k in metrics[m] for m in models)]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        x = [i + (j - (len(models) - 1) / 2) * width for i in range(len(keys))]
+        mean = [metrics[m][k] for k in keys]
+        err = [[mu - metrics[m][f"{k}_lo"] for k, mu in zip(keys, mean)],
+               [metrics[m][f"{k}_hi"] - mu for k, mu in zip(keys, mean)]]
+        n = metrics[m]["n"]
+        ax.bar(x, mean, width, yerr=err, capsize=3, label=f"{m} (n={n}, mc n={metrics[m].get('mc_n', '-')})")
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set(ylim=(0, 1.05), ylabel="rate (95% bootstrap interval)", title="held-out evaluation: base vs SFT")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def cell(metrics: dict, key: str) -> str:
+    v = metrics.get(key)
+    if v is None:
+        return "-"
+    if f"{key}_lo" in metrics:
+        return f"{v:.3f} [{metrics[f'{key}_lo']:.3f}, {metrics[f'{key}_hi']:.3f}]"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def metrics_table(metrics: dict, models=("base", "sft")) -> str:
+    """Markdown: one row per metric, one column per model plus the paired difference, intervals in brackets."""
+    diff = f"{models[1]}_minus_{models[0]}"
+    head = ["metric", *models, f"{models[1]} − {models[0]} (paired)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in ("n", *BARS[:-1], "mc_n", "mc_accuracy", "dev_loss", "dev_ppl"):
+        lines.append("| " + " | ".join([key, *(cell(metrics[m], key) for m in models),
+                                        cell(metrics.get(diff, {}), key)]) + " |")
+    return "\n".join(lines)
+
+
+def side_by_side(generation: list[dict], n: int, models=("base", "sft")) -> str:
+    by_model = {m: [r for r in generation if r["model"] == m] for m in models}
+    blocks = []
+    for i in range(min(n, len(by_model[models[0]]))):
+        first = by_model[models[0]][i]
+        lines = [f"**{i + 1}. {first['prompt']}** (gold: {first['gold']})", ""]
+        for m in models:
+            r = by_model[m][i]
+            verdict = "contains the answer" if r["contains_answer"] else "does not contain the answer"
+            lines.append(f"- {m}: {r['output'][:300]!r} ({verdict}{'' if r['stopped'] else ', did not stop'})")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_report(metrics: dict, generation: list[dict], figures: dict[str, str], out_md: str, n: int) -> None:
+    """The Markdown report: the before/after table, the pictures (paths relative to the report), examples."""
+    root = Path(out_md).parent
+    pictures = "\n\n".join(f"![{name}]({Path(p).relative_to(root)})" for name, p in figures.items())
+    Path(out_md).write_text(f"""# Evaluation: base vs SFT
+
+Same harness for both models (SPEC §5): greedy decoding with the chat template, stopping at `<|end|>`. Every rate
+is a mean over examples with its bootstrap 95% interval in brackets; the last column is the SFT−base difference on
+the same examples with a paired bootstrap interval. `mc_accuracy` is the multiple-choice accuracy from the option
+letters' scores at the answer position (`mc_n` questions).
+
+{metrics_table(metrics)}
+
+{pictures}
+
+## Fixed held-out prompts, answered by both models
+
+{side_by_side(generation, n)}
+""")
+
+
+def make_report(metrics_path: str, predictions_dir: str, curves_dir: str, figures_dir: str, report_md: str,
+                n_report: int) -> dict[str, str]:
+    """From the evaluate stage's outputs: figures_dir/{training,metrics}.png and the Markdown report."""
+    metrics = json.loads(Path(metrics_path).read_text())
+    Path(figures_dir).mkdir(parents=True, exist_ok=True)
+    figures = {"training curves": f"{figures_dir}/training.png", "base vs SFT": f"{figures_dir}/metrics.png"}
+    plot_training(curves_dir, figures["training curves"])
+    plot_metrics(metrics, figures["base vs SFT"])
+    generation = pq.read_table(f"{predictions_dir}/generation.parquet").to_pylist()
+    write_report(metrics, generation, figures, report_md, n_report)
+    return figures
