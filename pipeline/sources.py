@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 HUB_PREFIX = "hf://"
+IMPORT_DIR = ".cache/init_from"  # converted GGUF and downloaded Hub models: outside DVC outputs, git-ignored
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 

@@ -17,6 +17,7 @@ from pipeline.common import Compute, load_params, print0, setup_compute
 from pipeline.evaluate import EvaluateConfig, evaluate_loss, make_train_evaluator
 from pipeline.model import ModelConfig, Transformer, load_model, save_model, shift_targets
 from pipeline.pack import PackConfig, load_packed, pack, row_order, to_batch
+from pipeline.sources import IMPORT_DIR, resolve_model
 
 
 @dataclasses.dataclass
@@ -200,7 +201,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
 @dataclasses.dataclass
 class BaseConfig:
     seed: int = 0  # weight-init seed of the bundled base model
-    init_from: str = ""  # a model folder (HF Llama layout with our tokenizer.json) to use instead of pretraining
+    init_from: str = ""  # instead of pretraining: a model folder, a .gguf file or hf://org/name (pipeline/sources.py)
     block_size: int = 256  # tokens per packed pretraining row
     pretrain: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # pretraining hyperparameters
 
@@ -225,9 +226,10 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
         rows = corpus_rows([json.loads(line)["text"] for line in f], tok, cfg.block_size)
     compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
     if cfg.init_from:
-        model = load_model(cfg.init_from)
-        if load_tokenizer(cfg.init_from).get_vocab() != tok.get_vocab():
-            raise ValueError(f"{cfg.init_from}/tokenizer.json differs from {tokenizer}")
+        folder = resolve_model(cfg.init_from, IMPORT_DIR)
+        model = load_model(folder)
+        if load_tokenizer(folder).get_vocab() != tok.get_vocab():
+            raise ValueError(f"{cfg.init_from}: its tokenizer differs from {tokenizer}")
         print0(f"base: using {cfg.init_from} ({model.num_params():,} parameters), no pretraining")
         # no training curve, but the same report: how well the imported model fits the corpus
         log, close = make_logger(live_dir, cfg.pretrain, {})

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["synth", "tokenizer", "base", "render", "pack", "train", "evaluate", "publish"]
@@ -36,13 +39,14 @@ def merge(params: dict, override: dict) -> None:
             params[key] = value
 
 
-def run(cmd: str, cwd: Path, extra_env: dict | None = None) -> str:
+def run(cmd: str, cwd: Path, extra_env: dict | None = None, ok: bool = True) -> str:
+    """Run a shell command with this venv first on PATH; it must succeed (ok=True) or fail (ok=False)."""
     env = os.environ | (extra_env or {}) | {
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
                         "WANDB_MODE": "disabled", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
                         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (proc.returncode == 0) == ok, f"{cmd} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
@@ -149,3 +153,31 @@ def test_push_and_pull_with_an_s3_remote(repo, tmp_path, s3_server):
                           region_name="us-east-1").list_objects_v2(Bucket="models")
     assert listed["KeyCount"] > 10
     pull_into_fresh_clone(repo, tmp_path / "clone", "s3", env)
+
+
+def base_stage_ran_on(repo: Path, source: Path) -> None:
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(repo / "models/base/model.safetensors"), load_file(source / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert "corpus_loss" in json.loads((repo / "reports/base/metrics.json").read_text())
+
+
+def test_bring_your_own_base_model_folder_or_hub_repo(repo, tmp_path):
+    """base.init_from names a folder, then a Hub repo (served on 127.0.0.1): params.yaml is the only change."""
+    mine = tmp_path / "my-base"
+    shutil.copytree(repo / "models/base", mine)
+    out = run(f"dvc exp run -S base.init_from={mine}", repo)
+    # tokenizer and base now come from the folder; it holds the very model trained before, so render, pack, train
+    # and evaluate see unchanged inputs and DVC skips them (publish reruns: it records every param)
+    assert ran(out) == ["tokenizer", "base", "publish"]
+    base_stage_ran_on(repo, mine)
+    with HubServer() as hub:
+        hub.state.repos["me/base"] = {"private": False, "commits": ["init"],
+                                      "files": {p.name: p.read_bytes() for p in mine.iterdir()}}
+        out = run("dvc exp run -S base.init_from=hf://me/base", repo, {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+    assert "Running stage 'base'" in out
+    base_stage_ran_on(repo, mine)
+    assert any(path.startswith("/me/base/resolve/") for _, path, _ in hub.state.requests)
+    out = run("dvc exp run -S base.init_from=hf://me/other", repo, {"HF_HUB_OFFLINE": "1"}, ok=False)
+    assert "cannot download me/other: HF_HUB_OFFLINE is set" in out
