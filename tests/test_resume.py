@@ -67,7 +67,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bit_identical_weights(workd
     assert not (workdir / "out/killed").exists()  # no half model folder
     log = finish(stage(workdir, "killed", TRAIN))
     assert f"resuming from ckpt/killed/resume.pt at step {saved_step}/40" in log
-    assert (workdir / "out/whole/model.safetensors").read_bytes() == (workdir / "out/killed/model.safetensors").read_bytes()
+    assert "sft step 40/40 loss" in log and "tok/s" in log and "eta 0s" in log  # plain lines, not a bar: no TTY
+    weights = [(workdir / f"out/{n}/model.safetensors").read_bytes() for n in ("whole", "killed")]
+    assert weights[0] == weights[1]
     assert not ckpt.exists()  # served its purpose once the model folder is written
 
 
@@ -82,6 +84,8 @@ def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(wor
     assert one.keys() == two.keys()
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    norms = [np.loadtxt(workdir / f"reports/{n}/plots/metrics/grad_norm.tsv", skiprows=1)[:, 1] for n in ("one", "two")]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)  # the global gradient, step by step
     assert not np.array_equal(one["model.layers.0.mlp.up_proj.weight"],
                               load_file(workdir / "base/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
 
@@ -112,3 +116,32 @@ def test_resume_in_process_is_exact_and_stale_checkpoints_are_refused(tmp_path, 
     train(TrainConfig(**{**vars(cfg), "lr": 2e-3, "save_every": 0}), reference, CPU, data, None)
     for a, b in zip(reference.state_dict().values(), fresh["lr"].state_dict().values()):
         assert torch.equal(a, b)  # the refused checkpoint left no trace
+
+
+class PoisonedAfter(torch.nn.Module):
+    """The tiny model, whose loss turns NaN from the n-th forward pass on (an overflow in the middle of a run)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner, self.calls, self.n = tiny_model(300), 0, n
+        self.blocks = self.inner.blocks
+
+    def forward(self, *args):
+        self.calls += 1
+        loss_sum, count = self.inner(*args)
+        return (loss_sum * float("nan") if self.calls > self.n else loss_sum), count
+
+    def num_params(self):
+        return self.inner.num_params()
+
+
+def test_watchdog_stops_after_max_bad_steps_with_the_last_checkpoint_holding_good_weights(tmp_path, capsys):
+    model = PoisonedAfter(5)  # steps 0..4 train, 5.. are non-finite
+    cfg = TrainConfig(max_steps=20, batch_size=8, save_every=2, max_bad_steps=3, lr=1e-3, device="cpu")
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        train(cfg, model, CPU, packed(), None, ckpt_dir=str(tmp_path))
+    assert capsys.readouterr().out.count("non-finite") == 3  # steps 5, 6, 7
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["step"] == 6 and state["skipped"] == 1
+    for name, t in model.state_dict().items():  # the skipped steps changed nothing; the checkpoint holds it
+        assert torch.isfinite(t).all() and torch.equal(state["model"][name], t), name
