@@ -9,8 +9,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.chat import IGNORE_INDEX, save_tokenizer, special_ids
+
+try:  # FlexAttention (torch >= 2.5): the packed-row mask as a block mask, fused on CUDA; no CPU backward
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: the SDPA path below is used everywhere
+    BlockMask = create_block_mask = flex_attention = None
+_flex_compiled = None
+
+
+def flex_available(device: torch.device) -> bool:
+    return flex_attention is not None and device.type == "cuda"
+
+
+def flex(q, k, v, block_mask):
+    """FlexAttention, compiled once (eager flex_attention is a slow reference implementation)."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @dataclasses.dataclass
@@ -85,6 +104,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: the cache stores k, v and attends (pipeline/generate.py)
             return self.o(cache.attend(layer, q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        if BlockMask is not None and isinstance(mask, BlockMask):  # CUDA training: GQA handled inside the kernel
+            return self.o(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         rep = cfg.n_head // cfg.n_kv_head
         if rep > 1:  # query head h reads key/value head h // rep, as HF's repeat_kv
             k = k.repeat_interleave(rep, dim=1)
@@ -128,6 +149,38 @@ def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def flex_block_mask(doc: torch.Tensor):
+    """The same rule as doc_causal_mask as a FlexAttention BlockMask: blocks of 128x128 that are fully masked
+    (another conversation, or the future) are skipped by the kernel, not computed and discarded."""
+    B, T = doc.shape
+
+    def same_conversation_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_conversation_causal, B, None, T, T, device=doc.device)
+
+
+def attention_mask(doc: torch.Tensor, use_flex: bool):
+    return flex_block_mask(doc) if use_flex else doc_causal_mask(doc)
+
+
+def ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the output layer on rows h (N, D); logits in fp32 even under autocast."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+
+
+def output_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """ce_sum over chunks of `chunk` rows, each recomputed in backward: at most a (chunk, V) fp32 logits tensor
+    is alive at once, never (N, V). chunk 0, or N <= chunk: one piece, no recompute."""
+    N = h.shape[0]
+    if chunk <= 0 or N <= chunk:
+        return ce_sum(h, weight, targets)
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(ce_sum, h[s : s + chunk], weight, targets[s : s + chunk], use_reentrant=False) if grad
+             else ce_sum(h[s : s + chunk], weight, targets[s : s + chunk]) for s in range(0, N, chunk)]
+    return torch.stack(parts).sum()
+
+
 def shift_targets(labels: torch.Tensor, doc: torch.Tensor | None) -> torch.Tensor:
     """The one place the shift happens: position t is scored against labels[t + 1], unless t + 1 starts
     another conversation of the packed row (or the row ends)."""
@@ -149,6 +202,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # runtime knobs set by training (pipeline/train.py:configure), not part of the saved model
+        self.use_flex = False  # FlexAttention block mask instead of a dense boolean mask (CUDA)
+        self.loss_chunk = 0  # output-layer rows per loss chunk; 0: one piece
+        self.checkpointing = False  # recompute each block in backward (activation checkpointing)
 
     def init_weights(self, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -165,7 +222,10 @@ class Transformer(nn.Module):
         x = self.embed(ids)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+            if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
     def forward(self, ids, labels=None, pos=None, doc=None):
@@ -174,15 +234,14 @@ class Transformer(nn.Module):
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
-        mask = None if doc is None else doc_causal_mask(doc)
+        mask = None if doc is None else attention_mask(doc, self.use_flex)
         h = self.hidden(ids, pos, mask)
         if labels is None:
             return self.lm_head(h).float()
         targets = shift_targets(labels, doc)
         sel = targets != IGNORE_INDEX
-        # the output layer runs only where a target is trained; cross-entropy in fp32 even under autocast
-        logits = self.lm_head(h[sel]).float()  # (N, V)
-        loss_sum = F.cross_entropy(logits, targets[sel], reduction="sum")
+        # the output layer runs only where a target is trained, in chunks; cross-entropy in fp32
+        loss_sum = output_loss(h[sel], self.lm_head.weight, targets[sel], self.loss_chunk)
         return loss_sum, sel.sum()
 
     def num_params(self) -> int:

@@ -1,0 +1,102 @@
+"""Packed-row attention (SDPA + boolean mask on CPU, FlexAttention block mask on CUDA), the chunked
+output-layer loss and activation checkpointing, each against a plain reference."""
+import pytest
+import torch
+
+import pipeline.model as model_module
+from pipeline.chat import IGNORE_INDEX
+from pipeline.common import setup_compute
+from pipeline.model import doc_causal_mask, flex_available, output_loss
+from pipeline.train import TrainConfig, configure
+from tests.conftest import tiny_model
+
+V = 300
+
+
+def packed_row(lengths=(7, 12, 5), pad=4, seed=0):
+    """One row of len(lengths) conversations then padding, with the conversations on their own."""
+    g = torch.Generator().manual_seed(seed)
+    convs = [torch.randint(5, V, (n,), generator=g) for n in lengths]
+    ids = torch.cat(convs + [torch.zeros(pad, dtype=torch.long)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])[None]
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)])[None]
+    return convs, ids, pos, doc
+
+
+def test_cpu_mask_path_equals_each_conversation_alone_forward_and_backward():
+    convs, ids, pos, doc = packed_row()
+    model = tiny_model(V)
+    configure(model, TrainConfig(), setup_compute("cpu", "float32"))
+    assert not model.use_flex  # FlexAttention has no CPU backward: the CPU keeps SDPA with a boolean mask
+    labels = torch.where(doc >= 0, ids, IGNORE_INDEX)
+    loss, n = model(ids, labels, pos, doc)
+    loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone, n_alone = 0.0, 0
+    for c in convs:
+        part, k = model(c[None], c[None])
+        alone, n_alone = alone + part, n_alone + int(k)
+    alone.backward()
+    assert int(n) == n_alone == sum(len(c) - 1 for c in convs)
+    torch.testing.assert_close(loss, alone, rtol=1e-5, atol=1e-5)
+    for a, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_flex_block_mask_path_equals_dense_mask_path(monkeypatch):
+    """The CUDA path's mask rule, run here with eager FlexAttention (forward works on CPU; only its backward
+    and the fused kernel need CUDA): same outputs as the boolean-mask SDPA path, GQA included."""
+    if model_module.flex_attention is None:
+        pytest.skip("this torch has no FlexAttention")
+    monkeypatch.setattr(model_module, "_flex_compiled", model_module.flex_attention)
+    _, ids, pos, doc = packed_row(lengths=(40, 70, 11), pad=7)
+    ids, pos, doc = ids.repeat(2, 1), pos.repeat(2, 1), doc.repeat(2, 1)
+    doc[1] = torch.where(doc[1] >= 0, 2 - doc[1], -1)  # a second row with other conversation numbers
+    model = tiny_model(V).eval()
+    with torch.no_grad():
+        dense = model(ids, pos=pos, doc=doc)
+        model.use_flex = True
+        block = model(ids, pos=pos, doc=doc)
+    torch.testing.assert_close(block[doc >= 0], dense[doc >= 0], rtol=1e-4, atol=1e-5)
+    mask = model_module.flex_block_mask(doc)
+    dense_rule = doc_causal_mask(doc)[:, 0]
+    b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(128), torch.arange(128), indexing="ij")
+    assert torch.equal(mask.mask_mod(b, 0, q, kv), dense_rule)
+
+
+def test_flex_is_used_on_cuda_only():
+    assert not flex_available(torch.device("cpu"))
+    assert flex_available(torch.device("cuda")) == (model_module.flex_attention is not None)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_loss_equals_plain_loss_with_gradients(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(V, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (50,), generator=g)
+    plain = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+    plain_grads = torch.autograd.grad(plain, (h, w))
+    chunked = output_loss(h, w, t, chunk)
+    chunked_grads = torch.autograd.grad(chunked, (h, w))
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_model_loss_with_chunks_and_activation_checkpointing_matches_plain():
+    _, ids, pos, doc = packed_row(lengths=(30, 20, 9), pad=5)
+    labels = torch.where(doc >= 0, ids, IGNORE_INDEX)
+    results = []
+    for chunk, ckpt in ((0, False), (8, False), (8, True)):
+        model = tiny_model(V)
+        model.loss_chunk, model.checkpointing = chunk, ckpt
+        loss, _ = model(ids, labels, pos, doc)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-4)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

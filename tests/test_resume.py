@@ -1,0 +1,149 @@
+"""Exact resume: a run killed with SIGKILL after a checkpoint and rerun ends with the same weights, bit for bit,
+as a run never interrupted; a checkpoint from other params or other data is refused."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.common import setup_compute
+from pipeline.model import save_model
+from pipeline.pack import PackConfig, pack, save_packed
+from pipeline.train import TrainConfig, train
+from tests.conftest import tiny_model
+from tests.test_pack import conversations
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = setup_compute("cpu", "float32")
+TRAIN = {"max_steps": 40, "batch_size": 8, "save_every": 4, "eval_every": 10, "log_every": 1, "lr": 1.0e-3,
+         "warmup_frac": 0.1, "device": "cpu", "dtype": "float32"}
+
+
+def packed(n=120, block=64, seed=0):
+    ids, labels = conversations(n, seed=seed, max_len=50)
+    return pack(ids, labels, PackConfig(block_size=block))[0]
+
+
+@pytest.fixture
+def workdir(tmp_path, tok):
+    """A folder with params.yaml, a base model folder and packed train/dev rows, for running stages.train."""
+    save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "base"))
+    save_packed(packed(), str(tmp_path / "packed/train"))
+    save_packed(packed(24, seed=1), str(tmp_path / "packed/dev"))
+    return tmp_path
+
+
+def stage(workdir: Path, name: str, train: dict, **popen):
+    # evaluate.during_train: the train stage reads it (generation on dev prompts); off here, it has its own tests
+    during = {"during_train": {"prompts": 0, "samples": 0}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump({"train": train, "evaluate": during}))
+    cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{name}", f"reports/{name}", f"ckpt/{name}"]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def finish(proc) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_gives_bit_identical_weights(workdir):
+    finish(stage(workdir, "whole", TRAIN))
+    victim = stage(workdir, "killed", TRAIN)
+    ckpt = workdir / "ckpt/killed/resume.pt"
+    while not ckpt.exists() and victim.poll() is None:
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved_step = torch.load(ckpt, weights_only=True)["step"]
+    assert 4 <= saved_step < TRAIN["max_steps"]
+    assert not (workdir / "out/killed").exists()  # no half model folder
+    log = finish(stage(workdir, "killed", TRAIN))
+    assert f"resuming from ckpt/killed/resume.pt at step {saved_step}/40" in log
+    assert "sft step 40/40 loss" in log and "tok/s" in log and "eta 0s" in log  # plain lines, not a bar: no TTY
+    weights = [(workdir / f"out/{n}/model.safetensors").read_bytes() for n in ("whole", "killed")]
+    assert weights[0] == weights[1]
+    assert not ckpt.exists()  # served its purpose once the model folder is written
+
+
+def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(workdir):
+    short = TRAIN | {"max_steps": 3, "save_every": 0}
+    finish(stage(workdir, "one", short))
+    log = finish(stage(workdir, "two", short | {"nproc": 2, "batch_size": 4}))
+    assert "launching 2 processes" in log and "on 2 x cpu" in log
+    from safetensors.numpy import load_file
+
+    one, two = load_file(workdir / "out/one/model.safetensors"), load_file(workdir / "out/two/model.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    norms = [np.loadtxt(workdir / f"reports/{n}/plots/metrics/grad_norm.tsv", skiprows=1)[:, 1] for n in ("one", "two")]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)  # the global gradient, step by step
+    assert not np.array_equal(one["model.layers.0.mlp.up_proj.weight"],
+                              load_file(workdir / "base/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_in_process_is_exact_and_stale_checkpoints_are_refused(tmp_path, capsys):
+    data = packed()
+    cfg = TrainConfig(max_steps=6, batch_size=8, save_every=2, lr=1e-3, device="cpu")
+    whole = tiny_model(300)
+    train(cfg, whole, CPU, data, None, ckpt_dir=str(tmp_path))  # leaves the step-4 checkpoint behind
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["step"] == 4
+    resumed = tiny_model(300)
+    train(cfg, resumed, CPU, data, None, ckpt_dir=str(tmp_path))
+    assert "resuming from" in capsys.readouterr().out
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    fresh = {}
+    for name, changed_cfg, changed_data in (("lr", TrainConfig(**{**vars(cfg), "lr": 2e-3}), data),
+                                            ("data", cfg, packed(seed=5))):
+        model = tiny_model(300)
+        train(changed_cfg, model, CPU, changed_data, None, ckpt_dir=str(tmp_path / name))  # the reference
+        model = tiny_model(300)
+        (tmp_path / name / "resume.pt").write_bytes((tmp_path / "resume.pt").read_bytes())  # a stale checkpoint
+        capsys.readouterr()
+        train(changed_cfg, model, CPU, changed_data, None, ckpt_dir=str(tmp_path / name))
+        assert "refusing it and starting fresh" in capsys.readouterr().out
+        fresh[name] = model
+    reference = tiny_model(300)
+    train(TrainConfig(**{**vars(cfg), "lr": 2e-3, "save_every": 0}), reference, CPU, data, None)
+    for a, b in zip(reference.state_dict().values(), fresh["lr"].state_dict().values()):
+        assert torch.equal(a, b)  # the refused checkpoint left no trace
+
+
+class PoisonedAfter(torch.nn.Module):
+    """The tiny model, whose loss turns NaN from the n-th forward pass on (an overflow in the middle of a run)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner, self.calls, self.n = tiny_model(300), 0, n
+        self.blocks = self.inner.blocks
+
+    def forward(self, *args):
+        self.calls += 1
+        loss_sum, count = self.inner(*args)
+        return (loss_sum * float("nan") if self.calls > self.n else loss_sum), count
+
+    def num_params(self):
+        return self.inner.num_params()
+
+
+def test_watchdog_stops_after_max_bad_steps_with_the_last_checkpoint_holding_good_weights(tmp_path, capsys):
+    model = PoisonedAfter(5)  # steps 0..4 train, 5.. are non-finite
+    cfg = TrainConfig(max_steps=20, batch_size=8, save_every=2, max_bad_steps=3, lr=1e-3, device="cpu")
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        train(cfg, model, CPU, packed(), None, ckpt_dir=str(tmp_path))
+    assert capsys.readouterr().out.count("non-finite") == 3  # steps 5, 6, 7
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["step"] == 6 and state["skipped"] == 1
+    for name, t in model.state_dict().items():  # the skipped steps changed nothing; the checkpoint holds it
+        assert torch.isfinite(t).all() and torch.equal(state["model"][name], t), name
