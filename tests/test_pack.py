@@ -118,3 +118,33 @@ def test_rendered_and_packed_files_round_trip(tmp_path):
     save_packed(arrays, str(tmp_path / "p"))
     loaded = load_packed(str(tmp_path / "p"))
     assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+
+
+def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok):
+    import json
+
+    import yaml
+
+    from pipeline.chat import RenderConfig, render_split
+    from stages.pack import main
+    from tests.conftest import CONVERSATIONS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    (src / "b.jsonl").write_text("".join(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" for _ in range(8)))
+    for split in ("train", "dev"):
+        render_split(str(src), tok, RenderConfig(), str(tmp_path / "rendered" / f"{split}.parquet"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"pack": {"block_size": 64, "overlong": "drop", "seed": 1, "weights": {"a": 3.0, "b": 0.5}}}))
+    monkeypatch.chdir(tmp_path)
+    main("rendered", "packed", "pack.json", "lengths")
+    report = json.loads((tmp_path / "pack.json").read_text())
+    train, dev = report["train"], report["dev"]
+    assert train["sources"]["a"]["conversations"] == 12 and train["sources"]["b"]["conversations"] == 4
+    assert dev["sources"]["a"]["conversations"] == 4 and dev["sources"]["b"]["conversations"] == 8  # not weighted
+    assert train["conversations"] == train["packed"] == 16
+    packed = load_packed(str(tmp_path / "packed" / "train"))
+    assert len(np.unique(packed["doc"][packed["doc"] >= 0])) == 16  # each copy is its own document
+    rows = (tmp_path / "lengths" / "train.csv").read_text().splitlines()
+    assert rows[0] == "length,conversations" and sum(int(r.split(",")[1]) for r in rows[1:]) == 16
