@@ -54,14 +54,16 @@ def write_rendered(path: str, input_ids: list[list[int]], labels: list[list[int]
 
 def read_rendered(path: str, with_sources: bool = False):
     """(ids, labels, source_row) of a rendered parquet, plus the source names with with_sources=True.
-    Columns are read flat (one int32 buffer each) and cut into views, not converted row by row."""
+    Token columns are read flat (int32 buffers, zero-copy per row group) and cut into views, not row by row."""
     table = pq.read_table(path)
     out = []
     for name in ("input_ids", "labels"):
-        col = table.column(name).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int32()))
-        values = col.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        offsets = col.offsets.to_numpy()
-        out.append([values[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+        views = []
+        for chunk in table.column(name).chunks:
+            values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            offsets = chunk.offsets.to_numpy()
+            views += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        out.append(views)
     rows = table.column("source_row").to_numpy()
     if with_sources:
         return out[0], out[1], rows, np.asarray(table.column("source").to_pylist(), dtype=object)
@@ -127,7 +129,8 @@ def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "") -> int:
 def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sources=None, rows=None,
          out: str | None = None) -> tuple[dict, dict]:
     """Pack whole conversations into rows; returns the arrays (rows, block_size) and a report (per source when
-    `sources` names each conversation's source). With `out`, the arrays are written there as .npy memory maps."""
+    `sources` names each conversation's source). With `out`, the arrays are written there as .npy block by block
+    and returned memory-mapped."""
     B = cfg.block_size
     n_conv = len(ids)
     sources = np.asarray(sources if sources is not None else ["all"] * n_conv, dtype=object)
@@ -139,27 +142,42 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     keep = np.flatnonzero(fits > 0)
     plan = best_fit_decreasing(fits[keep].tolist(), B)
     n = len(plan)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.lib.format.open_memmap(Path(out) / f"{k}.npy", "w+", np.int32, (n, B)) for k in ARRAYS}
-        arrays["ids"][:], arrays["labels"][:], arrays["pos"][:], arrays["doc"][:] = 0, IGNORE_INDEX, 0, -1
-    else:
-        arrays = {"ids": np.zeros((n, B), np.int32), "labels": np.full((n, B), IGNORE_INDEX, np.int32),
-                  "pos": np.zeros((n, B), np.int32), "doc": np.full((n, B), -1, np.int32)}
     arange = np.arange(B, dtype=np.int32)
-    for r, members in enumerate(tqdm(plan, desc="pack", unit=" rows", disable=None, mininterval=1.0)):
-        t = 0
-        for j in members:
-            i = keep[j]
-            L = int(fits[i])
-            arrays["ids"][r, t : t + L] = ids[i][:L]
-            arrays["labels"][r, t : t + L] = labels[i][:L]
-            arrays["pos"][r, t : t + L] = arange[:L]
-            arrays["doc"][r, t : t + L] = i
-            t += L
-    if out is not None:
-        for a in arrays.values():
-            a.flush()
+
+    def fill(first: int, last: int) -> dict:
+        shape = (last - first, B)
+        block = {"ids": np.zeros(shape, np.int32), "labels": np.full(shape, IGNORE_INDEX, np.int32),
+                 "pos": np.zeros(shape, np.int32), "doc": np.full(shape, -1, np.int32)}
+        for r in range(first, last):
+            t = 0
+            for j in plan[r]:
+                i = keep[j]
+                L = int(fits[i])
+                block["ids"][r - first, t : t + L] = ids[i][:L]
+                block["labels"][r - first, t : t + L] = labels[i][:L]
+                block["pos"][r - first, t : t + L] = arange[:L]
+                block["doc"][r - first, t : t + L] = i
+                t += L
+        return block
+
+    if out is None:
+        arrays = fill(0, n)
+    else:  # written block by block, so memory holds one block of rows, not the whole output
+        Path(out).mkdir(parents=True, exist_ok=True)
+        files = {k: open(Path(out) / f"{k}.npy", "wb") for k in ARRAYS}
+        try:
+            for f in files.values():
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+                                                         "fortran_order": False, "shape": (n, B)})
+            step = max(1, (1 << 22) // B)  # ~16 MiB per array per block
+            for first in tqdm(range(0, n, step), desc="pack", unit=" blocks", disable=None, mininterval=1.0):
+                block = fill(first, min(n, first + step))
+                for k, f in files.items():
+                    f.write(block[k].tobytes())
+        finally:
+            for f in files.values():
+                f.close()
+        arrays = load_packed(out)
     tokens_in, packed = int(lengths.sum()), int(fits.sum())
     trained = int(sum(int((labels[i][: fits[i]] != IGNORE_INDEX).sum()) for i in keep))
     report = {
