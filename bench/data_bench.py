@@ -99,8 +99,14 @@ def phase_pack(block: int) -> dict:
 def phase_trl(data: Path, block: int, procs: int) -> dict:
     """TRL's own preparation: SFTTrainer(train_dataset=messages, packing=True) loads, applies the chat template,
     tokenizes and packs (BFD) in its constructor. The same tokenizer and chat template; a tiny model."""
-    os.environ["HF_DATASETS_CACHE"] = str(WORK / "hf_cache")
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="hf_cache_", dir=WORK)  # fresh: a cached Arrow copy would make TRL look free
+    os.environ["HF_DATASETS_CACHE"] = cache
     import datasets
+
+    datasets.disable_caching()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -115,8 +121,10 @@ def phase_trl(data: Path, block: int, procs: int) -> dict:
     seconds = time.perf_counter() - t0
     packed = trainer.train_dataset
     lengths = np.fromiter((len(x) for x in packed["input_ids"]), np.int64, len(packed))
-    return {"seconds": seconds, "rows": len(packed), "tokens": int(lengths.sum()),
-            "utilisation": float(lengths.sum() / (len(packed) * block))}
+    out = {"seconds": seconds, "rows": len(packed), "tokens": int(lengths.sum()),
+           "utilisation": float(lengths.sum() / (len(packed) * block))}
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
 
 
 def run_phase(args: list[str]) -> dict:
