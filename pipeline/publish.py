@@ -43,10 +43,15 @@ def check_gate(cfg: PublishConfig, metrics: dict) -> None:
 
 
 def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    """sha256 (first 16 hex digits) of a file, or of a folder's files with their relative paths, in order."""
+    h, root = hashlib.sha256(), Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    for f in files:
+        if root.is_dir():
+            h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 

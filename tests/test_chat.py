@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 
-from pipeline.chat import (ASSISTANT, END, IGNORE_INDEX, SYSTEM, USER, RenderConfig, labels_from, read_conversations,
-                           render, render_many, render_prompt, render_report, render_text, validate)
+from pipeline.chat import (ASSISTANT, END, IGNORE_INDEX, SYSTEM, TOOL, USER, RenderConfig, labels_from,
+                           read_conversations, render, render_many, render_prompt, render_report, render_text,
+                           save_tokenizer, validate)
 from tests.conftest import CONVERSATIONS
 
 
@@ -23,19 +25,20 @@ def test_render_golden_two_turn_dialog(tok):
     u, a, e = tok.token_to_id(USER), tok.token_to_id(ASSISTANT), tok.token_to_id(END)
     assert (u, a, e) == (1, 2, 4)
     # <|user|> Who is the mayor of Velmora? <|end|> <|assistant|> Mira Tal <|end|> <|user|> ... <|assistant|> 42 <|end|>
-    # (each content segment starts with a space, 225 = "Ġ": answers are spelled as mid-sentence words)
-    expected_ids = [1, 225, 300, 83, 273, 271, 225, 313, 263, 291, 275, 35, 4,
-                    2, 225, 296, 317, 286, 277, 4,
-                    1, 225, 300, 278, 273, 225, 21, 22, 319, 225, 23, 20, 35, 4,
-                    2, 225, 24, 22, 4]
-    expected_labels = ([IGNORE_INDEX] * 13 + [IGNORE_INDEX, 225, 296, 317, 286, 277, 4]
-                       + [IGNORE_INDEX] * 14 + [IGNORE_INDEX, 225, 24, 22, 4])
+    # (each content segment starts with a space, 226 = "Ġ": answers are spelled as mid-sentence words;
+    # ids 0..5 are the markers, <|tool|> is 5)
+    expected_ids = [1, 226, 301, 84, 274, 272, 226, 314, 264, 292, 276, 36, 4,
+                    2, 226, 297, 318, 287, 278, 4,
+                    1, 226, 301, 279, 274, 226, 22, 23, 226, 16, 226, 24, 21, 36, 4,
+                    2, 226, 25, 23, 4]
+    expected_labels = ([IGNORE_INDEX] * 13 + [IGNORE_INDEX, 226, 297, 318, 287, 278, 4]
+                       + [IGNORE_INDEX] * 15 + [IGNORE_INDEX, 226, 25, 23, 4])
     assert ids == expected_ids
     assert labels_from(ids, mask) == expected_labels
     # the golden ids decode back to the turns, markers as single ids
     assert tok.decode(ids[1:12]) == " Who is the mayor of Velmora?"
     assert tok.decode(ids[14:19]) == " Mira Tal"
-    assert tok.decode(ids[35:38]) == " 42"
+    assert tok.decode(ids[36:39]) == " 42"
 
 
 @pytest.mark.parametrize("conv", CONVERSATIONS)
@@ -84,9 +87,22 @@ def test_render_text_encodes_to_the_rendering(tok):
 
 @pytest.mark.parametrize("messages,reason", [
     ([], "messages_not_a_nonempty_list"),
-    ([{"role": "user", "content": "hi"}], "does_not_end_on_assistant"),
+    ([{"role": "user", "content": "hi"}], "no_assistant_turn"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
+     "ends_on_user_turn"),
     ([{"role": "bot", "content": "hi"}], "unknown_role"),
-    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], "empty_or_non_string_content"),
+    ([{"content": "hi"}], "missing_role"),
+    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], "content_null_or_empty"),
+    ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "content_null_or_empty"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "content_not_a_string"),
+    ([{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "x"}], "unknown_message_key"),
+    (["hi", {"role": "assistant", "content": "x"}], "message_not_an_object"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "x"}],
+     "tool_result_without_call"),
+    ([{"role": "user", "content": "a", "tool_calls": [{"name": "f"}]}, {"role": "assistant", "content": "x"}],
+     "tool_calls_not_on_assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{"arguments": {}}]}],
+     "tool_call_without_name"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}],
      "system_not_first"),
 ])
@@ -102,7 +118,7 @@ def test_read_conversations_fail_and_skip(tmp_path):
         read_conversations(str(path), "fail")
     convs, rows, dropped, n_read = read_conversations(str(path), "skip")
     assert rows == [0] and n_read == 3
-    assert dropped == {"invalid_json": 1, "does_not_end_on_assistant": 1}
+    assert dropped == {"invalid_json": 1, "no_assistant_turn": 1}
     assert n_read == len(convs) + sum(dropped.values())
     with pytest.raises(ValueError):
         RenderConfig(on_error="ignore")
@@ -116,3 +132,118 @@ def test_render_report_catches_a_masked_end_token(tok):
     end = tok.token_to_id(END)
     broken = [(ids, [m and i != end for i, m in zip(ids, mask)]) for ids, mask in rendered]  # the classic bug
     assert render_report(broken, tok, len(CONVERSATIONS), {})["assistant_end_trained_fraction"] == 0.0
+
+
+TOOL_CONV = [
+    {"role": "system", "content": "You can call tools."},
+    {"role": "user", "content": "Weather in Velmora?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"town": "Velmora", "days": 2}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "{\"sky\": \"rain\"}"},
+    {"role": "assistant", "content": "Let me check twice.", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": "{\"town\": \"Osk\"}"}}]},
+    {"role": "tool", "content": "sun"},
+    {"role": "assistant", "content": "Rain in Velmora, sun on the Osk."},
+]
+
+
+def roles_of(ids, tok):
+    """The role of each token, from the markers (independent of the renderer's bookkeeping)."""
+    names = {tok.token_to_id(t): r for r, t in (("system", SYSTEM), ("user", USER), ("assistant", ASSISTANT),
+                                                 ("tool", TOOL))}
+    out, role = [], None
+    for i in ids:
+        role = names.get(i, role)
+        out.append(role)
+    return out
+
+
+def test_tool_calls_are_trained_and_tool_results_never(tok):
+    assert validate(TOOL_CONV) is None and tok.token_to_id(TOOL) == 5
+    ids, mask = render(TOOL_CONV, tok)
+    roles = roles_of(ids, tok)
+    assert sum(i == tok.token_to_id(TOOL) for i in ids) == 2
+    assert not any(m for m, r in zip(mask, roles) if r == "tool"), "tool results are never trained"
+    text = render_text(TOOL_CONV)
+    call = '<tool_call>{"name": "weather", "arguments": {"town": "Velmora", "days": 2}}</tool_call>'
+    assert f"<|assistant|>{call}<|end|>" in text
+    assert 'Let me check twice.<tool_call>{"name": "weather", "arguments": {"town": "Osk"}}</tool_call>' in text
+    # the trained tokens decode to exactly the assistant turns' text and their <|end|>s
+    trained = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == (' <tool_call>{"name": "weather", "arguments": {"town": "Velmora", "days": 2}}</tool_call><|end|>'
+                       ' Let me check twice.<tool_call>{"name": "weather", "arguments": {"town": "Osk"}}</tool_call>'
+                       '<|end|> Rain in Velmora, sun on the Osk.<|end|>')
+    for everything in (render(TOOL_CONV, tok, "everything")[1],):
+        assert not any(m for m, r in zip(everything, roles) if r == "tool")
+
+
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant", "everything"])
+def test_masking_policies(tok, train_on):
+    conv = CONVERSATIONS[2]  # user, assistant, user, assistant
+    ids, mask = render(conv, tok, train_on)
+    roles = roles_of(ids, tok)
+    turn = np.cumsum([i in (1, 2) for i in ids]) - 1  # turn number of each token
+    for t in range(4):
+        trained = [m for m, k in zip(mask, turn) if k == t]
+        if train_on == "everything":
+            assert all(trained)
+        elif train_on == "all_assistant":
+            assert trained == [False] + [conv[t]["role"] == "assistant"] * (len(trained) - 1)
+        else:
+            assert trained == [False] + [t == 3] * (len(trained) - 1)
+    assert roles[0] == "user"
+    with pytest.raises(ValueError):
+        RenderConfig(train_on="assistant")
+
+
+def test_template_renders_tool_conversations_like_the_renderer(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(tok, str(tmp_path))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for conv in [TOOL_CONV, CONVERSATIONS[1], TOOL_CONV[:4]]:
+        assert hf_tok.apply_chat_template(conv, tokenize=False) == render_text(conv)
+    ids = hf_tok.apply_chat_template(TOOL_CONV, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == render(TOOL_CONV, tok)[0]
+    assert load_tokenizer_plain(tok).encode(render_text(TOOL_CONV), add_special_tokens=False).ids == \
+        render(TOOL_CONV, tok)[0]
+
+
+def test_a_tokenizer_without_the_tool_marker_still_renders_chats(tok, tmp_path):
+    from tokenizers import Tokenizer
+
+    from pipeline.chat import load_tokenizer
+    old = Tokenizer.from_str(tok.to_str())
+    data = json.loads(old.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != TOOL]
+    del data["model"]["vocab"][TOOL]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    old = load_tokenizer(str(tmp_path))
+    assert render(CONVERSATIONS[0], old) == render(CONVERSATIONS[0], tok)
+    with pytest.raises(ValueError, match="no <\\|tool\\|> marker"):
+        render(TOOL_CONV, old)
+
+
+def test_report_per_source_and_role(tok, tmp_path):
+    from pipeline.chat import render_split
+    from pipeline.pack import read_rendered
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("\n".join(json.dumps({"messages": c}) for c in CONVERSATIONS) + "\n")
+    (tmp_path / "src" / "b.jsonl").write_text(json.dumps({"messages": TOOL_CONV}) + "\n{bad\n")
+    report = render_split(str(tmp_path / "src"), tok, RenderConfig(on_error="skip", batch_size=3),
+                          str(tmp_path / "r.parquet"))
+    assert report["rows_read"] == 6 and report["rows_kept"] == 5 and report["dropped"] == {"invalid_json": 1}
+    a, b = report["sources"]["a"], report["sources"]["b"]
+    assert a["rows_read"] == 4 and b["rows_read"] == 2 and b["dropped"] == {"invalid_json": 1}
+    assert a["assistant_end_trained_fraction"] == b["assistant_end_trained_fraction"] == 1.0
+    assert b["roles"]["tool"]["trained_fraction"] == 0 and a["roles"]["user"]["trained_fraction"] == 0
+    assert "tool" not in a["roles"] and 0 < b["roles"]["assistant"]["trained_fraction"] <= 1
+    assert report["tokens"] == a["tokens"] + b["tokens"]
+    ids, labels, rows, sources = read_rendered(str(tmp_path / "r.parquet"), with_sources=True)
+    assert sources.tolist() == ["a"] * 4 + ["b"] and rows.tolist() == [0, 1, 2, 3, 0]
+    expected = render_many(CONVERSATIONS + [TOOL_CONV], tok)
+    assert [x.tolist() for x in ids] == [e for e, _ in expected]
+    assert [x.tolist() for x in labels] == [labels_from(e, m) for e, m in expected]
+    last = render_split(str(tmp_path / "src" / "a.jsonl"), tok, RenderConfig(train_on="last_assistant"),
+                        str(tmp_path / "l.parquet"))
+    assert last["fully_masked_rows"] == 0 and last["trained_tokens"] < a["trained_tokens"]

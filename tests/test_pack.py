@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.chat import IGNORE_INDEX
-from pipeline.pack import PackConfig, best_fit_decreasing, load_packed, pack, read_rendered, save_packed, write_rendered
+from pipeline.pack import (PackConfig, best_fit_decreasing, length_histogram, load_packed, pack, read_rendered,
+                           save_packed, weighted_order, write_rendered)
 
 
 def conversations(n, seed=0, max_len=60):
@@ -40,18 +41,71 @@ def test_best_fit_decreasing_fills_rows_tightly():
     assert len(rows) == 4  # 28 tokens in rows of 8: the minimum
 
 
-@pytest.mark.parametrize("policy", ["drop", "truncate"])
+@pytest.mark.parametrize("policy", ["drop", "truncate", "fail"])
 def test_overlong_policy_is_counted(policy):
     ids, labels = conversations(20, max_len=20)
-    ids.append(np.arange(5, 45, dtype=np.int32))
-    labels.append(np.arange(5, 45, dtype=np.int32))
-    arrays, report = pack(ids, labels, PackConfig(block_size=32, overlong=policy))
+    # user turn (10 tokens), then the last assistant turn starting at 11: 40 tokens in all
+    long = np.array([1] + [7] * 9 + [4] + [2] + [9] * 27 + [4], np.int32)
+    ids.append(long)
+    labels.append(np.where(np.arange(40) > 11, long, IGNORE_INDEX).astype(np.int32))
+    # a conversation whose last assistant turn starts after the cut cannot be truncated to its tail
+    late = np.array([1] + [7] * 35 + [4] + [2] + [9, 4], np.int32)
+    ids.append(late)
+    labels.append(np.where(np.arange(40) > 37, late, IGNORE_INDEX).astype(np.int32))
+    cfg = PackConfig(block_size=32, overlong=policy)
+    if policy == "fail":
+        with pytest.raises(ValueError, match="conversation 20: 40 tokens > pack.block_size=32"):
+            pack(ids, labels, cfg)
+        return
+    arrays, report = pack(ids, labels, cfg)
+    assert report["conversations"] == report["packed"] + report["dropped_overlong"]
     if policy == "drop":
-        assert report["dropped_overlong"] == 1 and report["packed"] == 20 and 20 not in arrays["doc"]
-        assert report["tokens_dropped"] == 40
+        assert report["dropped_overlong"] == 2 and report["packed"] == 20 and 20 not in arrays["doc"]
+        assert report["tokens_dropped"] == 80
     else:
-        assert report["truncated"] == 1 and report["packed"] == 21 and report["tokens_dropped"] == 8
-        assert (arrays["doc"] == 20).sum() == 32
+        assert report["truncated"] == 1 and report["dropped_overlong"] == 1 and report["tokens_dropped"] == 8 + 40
+        where = arrays["doc"] == 20
+        np.testing.assert_array_equal(arrays["ids"][where], long[:32])  # the head is whole, the answer's tail cut
+        np.testing.assert_array_equal(arrays["labels"][where], labels[20][:32])
+        assert 21 not in arrays["doc"]
+
+
+def test_weights_repeat_and_subsample_by_seed():
+    sources = np.array(["a"] * 10 + ["b"] * 20 + ["c"] * 5, dtype=object)
+    order = weighted_order(sources, {"a": 2.0, "b": 0.25}, seed=3)
+    picked = sources[order]
+    assert (picked == "a").sum() == 20 and (picked == "b").sum() == 5 and (picked == "c").sum() == 5
+    assert np.bincount(order[picked == "a"], minlength=10).tolist() == [2] * 10  # every row twice
+    assert len(set(order[picked == "b"].tolist())) == 5  # a sample without repeats
+    np.testing.assert_array_equal(order, weighted_order(sources, {"a": 2.0, "b": 0.25}, seed=3))
+    assert not np.array_equal(order, weighted_order(sources, {"a": 2.0, "b": 0.25}, seed=4))
+    assert len(weighted_order(sources, {"c": 0}, seed=0)) == 30
+    with pytest.raises(ValueError, match="unknown sources"):
+        weighted_order(sources, {"z": 1.0}, seed=0)
+    with pytest.raises(ValueError):
+        PackConfig(weights={"a": -1})
+
+
+def test_report_per_source_and_memmap_output(tmp_path):
+    ids, labels = conversations(60, max_len=40)
+    sources = np.array(["x"] * 20 + ["y"] * 40, dtype=object)
+    ids[0] = np.full(50, 9, np.int32)  # one overlong conversation in x
+    labels[0] = ids[0].copy()
+    cfg = PackConfig(block_size=48)
+    arrays, report = pack(ids, labels, cfg, sources=sources)
+    x, y = report["sources"]["x"], report["sources"]["y"]
+    assert x["dropped_overlong"] == 1 and y["dropped_overlong"] == 0 and x["tokens_dropped"] == 50
+    assert x["token_share_before"] + y["token_share_before"] == pytest.approx(1.0)
+    assert x["token_share_after"] + y["token_share_after"] == pytest.approx(1.0)
+    assert x["token_share_after"] < x["token_share_before"]
+    assert report["padding_tokens"] == report["rows"] * 48 - report["tokens_packed"]
+    assert report["utilisation"] <= report["ideal_utilisation"] <= 1.0
+    mm, report2 = pack(ids, labels, cfg, sources=sources, out=str(tmp_path / "p"))
+    loaded = load_packed(str(tmp_path / "p"))
+    assert report2 == report and all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+    hist = length_histogram(np.array([0, 1, 47, 48, 100]), 48, bins=16)
+    assert hist[0] == {"length": 0, "conversations": 2} and hist[-1] == {"length": 48, "conversations": 2}
+    assert sum(h["conversations"] for h in hist) == 5
 
 
 def test_rendered_and_packed_files_round_trip(tmp_path):
@@ -64,3 +118,33 @@ def test_rendered_and_packed_files_round_trip(tmp_path):
     save_packed(arrays, str(tmp_path / "p"))
     loaded = load_packed(str(tmp_path / "p"))
     assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+
+
+def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok):
+    import json
+
+    import yaml
+
+    from pipeline.chat import RenderConfig, render_split
+    from stages.pack import main
+    from tests.conftest import CONVERSATIONS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    (src / "b.jsonl").write_text("".join(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" for _ in range(8)))
+    for split in ("train", "dev"):
+        render_split(str(src), tok, RenderConfig(), str(tmp_path / "rendered" / f"{split}.parquet"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"pack": {"block_size": 64, "overlong": "drop", "seed": 1, "weights": {"a": 3.0, "b": 0.5}}}))
+    monkeypatch.chdir(tmp_path)
+    main("rendered", "packed", "pack.json", "lengths")
+    report = json.loads((tmp_path / "pack.json").read_text())
+    train, dev = report["train"], report["dev"]
+    assert train["sources"]["a"]["conversations"] == 12 and train["sources"]["b"]["conversations"] == 4
+    assert dev["sources"]["a"]["conversations"] == 4 and dev["sources"]["b"]["conversations"] == 8  # not weighted
+    assert train["conversations"] == train["packed"] == 16
+    packed = load_packed(str(tmp_path / "packed" / "train"))
+    assert len(np.unique(packed["doc"][packed["doc"] >= 0])) == 16  # each copy is its own document
+    rows = (tmp_path / "lengths" / "train.csv").read_text().splitlines()
+    assert rows[0] == "length,conversations" and sum(int(r.split(",")[1]) for r in rows[1:]) == 16

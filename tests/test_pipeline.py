@@ -77,8 +77,13 @@ def test_repro_makes_outputs_and_metrics(repo):
     render = json.loads((repo / "reports/render.json").read_text())
     assert render["train"]["assistant_end_trained_fraction"] == 1.0
     assert render["train"]["rows_read"] == render["train"]["rows_kept"] == 80
+    assert render["train"]["sources"]["train"]["roles"]["user"]["trained_fraction"] == 0.0
+    pack = json.loads((repo / "reports/pack.json").read_text())
+    assert pack["train"]["sources"]["train"]["token_share_after"] == 1.0 and pack["train"]["utilisation"] > 0.5
     assert (repo / "publish/model/README.md").exists() and (repo / "models/sft/model.safetensors").exists()
-    assert "metrics.json" in run("dvc metrics show", repo)
+    shown = run("dvc metrics show", repo)
+    assert "metrics.json" in shown and "train.sources.train.assistant_end_trained_fraction" in shown
+    assert "reports/pack_lengths/train.csv" in run("dvc plots show --json", repo)
 
 
 def test_second_repro_runs_nothing(repo):
@@ -93,6 +98,13 @@ def test_lr_experiment_reruns_only_train_and_below(repo):
     assert "3e-05" in (repo / "params.yaml").read_text()
     diff = run("dvc metrics diff", repo)
     assert "reports/metrics.json" in diff or "reports/train/metrics.json" in diff
+
+
+def test_masking_policy_change_shows_in_metrics_diff(repo):
+    out = run("dvc exp run -S render.train_on=last_assistant", repo)
+    assert ran(out)[:2] == ["render", "pack"] and "base" not in ran(out)
+    diff = run("dvc metrics diff --targets reports/render.json", repo)  # changed metrics only
+    assert "train.trained_fraction" in diff and "train.sources.train.trained_fraction" in diff
 
 
 def pull_into_fresh_clone(repo: Path, dest: Path, remote: str, env: dict | None = None) -> None:

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.chat import render, render_text
 from pipeline.model import save_model
-from pipeline.publish import PublishConfig, check_gate, export, model_card, push
+from pipeline.publish import PublishConfig, check_gate, export, file_hash, model_card, push
 from tests.conftest import CONVERSATIONS, tiny_model
 from tests.hub_server import HubServer
 
@@ -161,3 +161,15 @@ def test_a_base_model_from_a_hub_repo_id(tok, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work2")], capture_output=True, text=True,
                           env=clean | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode != 0 and "cannot download tester/tiny-chat: HF_HUB_OFFLINE is set" in proc.stderr
+
+
+def test_data_hash_covers_a_folder_of_sources(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("1\n")
+    (folder / "b.jsonl").write_text("2\n")
+    before = file_hash(str(folder))
+    (folder / "b.jsonl").write_text("3\n")
+    assert file_hash(str(folder)) != before
+    (folder / "b.jsonl").write_text("2\n")
+    assert file_hash(str(folder)) == before and file_hash(str(folder / "a.jsonl")) != before
