@@ -3,13 +3,11 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import shutil
 import tempfile
 import typing
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -91,12 +89,6 @@ def write_json(path: str, obj) -> None:
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, p)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def is_rank0() -> bool:

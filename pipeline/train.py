@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.chat import IGNORE_INDEX, load_tokenizer
-from pipeline.common import Compute, atomic_dir, load_params, print0, setup_compute
+from pipeline.common import Compute, atomic_dir, is_rank0, load_params, print0, setup_compute
 from pipeline.evaluate import EvaluateConfig, evaluate_loss, make_train_evaluator
 from pipeline.model import ModelConfig, Transformer, flex_available, load_model, save_model, shift_targets
 from pipeline.pack import ARRAYS, PackConfig, load_packed, pack, row_order, to_batch
@@ -383,7 +383,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
 
 def clear_checkpoint(ckpt_dir: str | None) -> None:
     """After the model folder is written the resume checkpoint has served its purpose."""
-    if ckpt_dir and int(os.environ.get("RANK", "0")) == 0:
+    if ckpt_dir and is_rank0():
         (Path(ckpt_dir) / "resume.pt").unlink(missing_ok=True)
 
 
