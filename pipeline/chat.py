@@ -1,11 +1,16 @@
-"""The chat format, in one place: special tokens, the byte-level BPE tokenizer, `render` (ids + loss mask)
-for training and evaluation, and the Jinja template exported with the model, which renders the same text.
+"""The chat format, in one place: chat formats (special tokens and turn layout), the byte-level BPE tokenizer,
+`render` (ids + loss mask) for training and evaluation, and the Jinja template exported with the model, which
+renders the same text.
 
-A turn is <|role|> + content + <|end|>, with no newlines around markers. An assistant turn that calls tools writes
-each call after its content as `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (plain text); a tool result
-is a <|tool|> turn. Trained (render.train_on=all_assistant, the default): assistant content, its tool calls and its
-closing <|end|>. Never trained: role markers (the <|assistant|> marker included) and tool results."""
+Two formats (`tokenizer.chat_format`); a tokenizer's own special tokens say which one it speaks (`chat_format`):
+- markers (the default, SPEC §2): a turn is <|role|> + content + <|end|>, with no newlines around markers;
+- chatml (SmolLM2, Qwen, ...): a turn is <|im_start|>role\n + content + <|im_end|>\n.
+An assistant turn that calls tools writes each call after its content as
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` (plain text); a tool result is a turn of role tool.
+Trained (render.train_on=all_assistant, the default): assistant content, its tool calls and its closing end token.
+Never trained: role headers (the assistant's included), the newline after an end token, and tool results."""
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -19,41 +24,153 @@ ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL}
 IGNORE_INDEX = -100
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{%- endif -%}"
-    "<|{{ message['role'] }}|>"
-    "{%- if message['content'] is string -%}{{ message['content'] }}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- if call['function'] is defined -%}{%- set fn = call['function'] -%}{%- else -%}{%- set fn = call -%}"
-    "{%- endif -%}"
-    "<tool_call>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
-    "{%- if fn['arguments'] is string -%}{{ ' ' + fn['arguments'] }}"
-    "{%- elif fn['arguments'] is defined -%}{{ ' ' + fn['arguments'] | tojson }}"
-    "{%- else -%}{{ ' {}' }}{%- endif -%}"
-    "{{ '}' }}</tool_call>"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "<|end|>"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """Where the special tokens go. A turn is `opener + role + after_role` (the header, never trained), the content,
+    then `end` (trained after assistant content: the stop token) and `after_end` (never trained). The header's text
+    after its special tokens is encoded together with the content, as a text-level template renders it."""
+    name: str
+    opener: str  # "<|" (with "|>" after the role: one special token per role) or "<|im_start|>"
+    after_role: str  # "|>" or "\n"
+    end: str  # end of turn; the stop id of generation and the eos of the exported model
+    after_end: str  # "" or "\n"
+    specials: tuple[str, ...]  # reserved when the bundled tokenizer is trained, in id order (the first is padding)
+    required: tuple[str, ...]  # a tokenizer speaks this format when it has these as special tokens
+
+    def header(self, role: str) -> str:
+        return f"{self.opener}{role}{self.after_role}"
+
+    def describe(self) -> str:
+        return {"markers": "`<|role|>` + content + `<|end|>`, with no newlines around the markers",
+                "chatml": "`<|im_start|>role\\n` + content + `<|im_end|>\\n` (ChatML)"}[self.name]
+
+
+FORMATS = {
+    "markers": ChatFormat("markers", "<|", "|>", END, "", tuple(SPECIAL_TOKENS), tuple(REQUIRED_TOKENS)),
+    "chatml": ChatFormat("chatml", "<|im_start|>", "\n", "<|im_end|>", "\n",
+                         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<|im_start|>", "<|im_end|>")),
+}
+MARKERS = FORMATS["markers"]
+
+
+def _has_special(tok: Tokenizer, text: str) -> bool:
+    i = tok.token_to_id(text)
+    return i is not None and text in {t.content for t in tok.get_added_tokens_decoder().values()}
+
+
+def chat_format(tok: Tokenizer) -> ChatFormat:
+    """The format a tokenizer speaks, from its special tokens: markers when it has <|user|> <|assistant|> <|end|>,
+    else chatml when it has <|im_start|> <|im_end|>."""
+    return _detect(tok)
+
+
+@functools.lru_cache(maxsize=32)
+def _detect(tok: Tokenizer) -> ChatFormat:
+    for fmt in FORMATS.values():
+        if all(_has_special(tok, t) for t in fmt.required):
+            return fmt
+    raise ValueError("the tokenizer speaks no known chat format: it needs <|user|> <|assistant|> <|system|> <|end|> "
+                     "<|pad|> (markers) or <|im_start|> <|im_end|> (chatml) as single special tokens")
+
+
+@dataclasses.dataclass
+class Layout:
+    """A format bound to a tokenizer's ids."""
+    fmt: ChatFormat
+    lead: dict  # role -> the header's special ids (None: the tokenizer lacks the role's marker)
+    tail: dict  # role -> the header's text after them ("" for markers; "user\n" for chatml)
+    tail_ids: dict  # role -> that text encoded alone
+    key: dict  # role -> the ids that open the role's turns in rendered ids (specials + the role's name)
+    end: int
+    after_end: list
+    pad: int
+
+    def header_ids(self, role: str) -> list[int]:
+        if self.lead[role] is None:
+            raise ValueError(f"the tokenizer has no {self.fmt.header(role).strip()} marker (made before the tool "
+                             "role); retrain it (the tokenizer stage) to use tool turns")
+        return self.lead[role] + self.tail_ids[role]
+
+    def starts(self, ids: np.ndarray, role: str) -> np.ndarray:
+        """Positions in `ids` where a turn of `role` begins (its key ids match there)."""
+        key = self.key[role]
+        if key is None or len(ids) < len(key):
+            return np.zeros(0, np.int64)
+        hit = np.ones(len(ids) - len(key) + 1, bool)
+        for j, k in enumerate(key):
+            hit &= ids[j : len(ids) - len(key) + 1 + j] == k
+        return np.flatnonzero(hit)
+
+
+@functools.lru_cache(maxsize=32)
+def layout(tok: Tokenizer, fmt: ChatFormat | None = None) -> Layout:
+    fmt = fmt or chat_format(tok)
+    specials = [t for t in fmt.specials if tok.token_to_id(t) is not None]
+    lead, tail, tail_ids, key = {}, {}, {}, {}
+    for role in ROLES:
+        header, ids = fmt.header(role), []
+        while any(header.startswith(s) for s in specials):
+            s = next(s for s in specials if header.startswith(s))
+            ids.append(tok.token_to_id(s))
+            header = header[len(s):]
+        if not ids:  # a tokenizer made before the tool role has no <|tool|>
+            lead[role] = tail[role] = tail_ids[role] = key[role] = None
+            continue
+        lead[role], tail[role] = ids, header
+        tail_ids[role] = tok.encode(header, add_special_tokens=False).ids if header else []
+        name = header[: len(header) - len(fmt.after_role)] if header.endswith(fmt.after_role) else header
+        key[role] = ids + (tok.encode(name, add_special_tokens=False).ids if name else [])
+    pad = next((tok.token_to_id(t) for t in (PAD, fmt.specials[0]) if tok.token_to_id(t) is not None),
+               tok.token_to_id(fmt.end))
+    after_end = tok.encode(fmt.after_end, add_special_tokens=False).ids if fmt.after_end else []
+    return Layout(fmt, lead, tail, tail_ids, key, tok.token_to_id(fmt.end), after_end, pad)
+
+
+def chat_template(fmt: ChatFormat = MARKERS) -> str:
+    """The Jinja chat template that writes `render_text` for this format (transformers' apply_chat_template)."""
+    lit = lambda text: "{{ " + json.dumps(text) + " }}"  # noqa: E731  (a literal that whitespace control keeps)
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
+        "{{ raise_exception('unknown role: ' + message['role']) }}"
+        "{%- endif -%}"
+        f"{lit(fmt.opener)}{{{{ message['role'] }}}}{lit(fmt.after_role)}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}{%- endif -%}"
+        "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- if call['function'] is defined -%}{%- set fn = call['function'] -%}{%- else -%}{%- set fn = call -%}"
+        "{%- endif -%}"
+        "<tool_call>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
+        "{%- if fn['arguments'] is string -%}{{ ' ' + fn['arguments'] }}"
+        "{%- elif fn['arguments'] is defined -%}{{ ' ' + fn['arguments'] | tojson }}"
+        "{%- else -%}{{ ' {}' }}{%- endif -%}"
+        "{{ '}' }}</tool_call>"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        f"{lit(fmt.end)}{lit(fmt.after_end) if fmt.after_end else ''}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{lit(fmt.header('assistant'))}{{%- endif -%}}"
+    )
+
+
+CHAT_TEMPLATE = chat_template(MARKERS)
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
     vocab_size: int = 2048  # byte-level BPE vocabulary, chat markers included
+    chat_format: str = "auto"  # markers | chatml | auto: the base.init_from tokenizer's own, else markers
 
     def __post_init__(self):
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"tokenizer.vocab_size={self.vocab_size} is below the 256 bytes + chat markers")
+        if self.chat_format not in ("auto", *FORMATS):
+            raise ValueError(f"tokenizer.chat_format must be auto or one of {list(FORMATS)}, got {self.chat_format!r}")
 
 
-def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with the chat markers reserved as single special ids; digits split one by one.
+def train_tokenizer(texts, vocab_size: int, fmt: ChatFormat = MARKERS) -> Tokenizer:
+    """Byte-level BPE with the format's special tokens reserved as single ids; digits split one by one.
     Each text segment gets a prefix space, so an answer right after <|assistant|> is spelled with the same
     tokens as in the middle of a pretraining sentence ("ĠBrodren", not "B" "rod" "ren")."""
     tok = Tokenizer(models.BPE())
@@ -62,7 +179,7 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(fmt.specials), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -70,20 +187,25 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def check_tokenizer(tok: Tokenizer) -> None:
-    """The chat markers are single special ids 0..4 (and <|tool|> is 5 when present)."""
+def check_tokenizer(tok: Tokenizer) -> ChatFormat:
+    """The tokenizer speaks a known chat format; with markers, they are the special ids 0..4 (and <|tool|> is 5
+    when present). Returns the format."""
+    fmt = chat_format(tok)
+    if fmt.name != "markers":
+        return fmt
     for i, t in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(t)
         if got is None and t in REQUIRED_TOKENS:
             raise ValueError(f"tokenizer lacks the chat marker {t} as a single token")
         if got is not None and got != i:
             raise ValueError(f"tokenizer must reserve {t} as id {i}, found {got}")
+    return fmt
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
-    return {"pad": tok.token_to_id(PAD), "eos": tok.token_to_id(END), "end": tok.token_to_id(END),
-            "user": tok.token_to_id(USER), "assistant": tok.token_to_id(ASSISTANT),
-            "system": tok.token_to_id(SYSTEM), "tool": tok.token_to_id(TOOL)}
+    """pad and eos (= end: the end of an assistant turn) ids of the tokenizer's chat format."""
+    lay = layout(tok)
+    return {"pad": lay.pad, "eos": lay.end, "end": lay.end}
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -96,14 +218,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, folder: str) -> None:
-    """tokenizer.json plus tokenizer_config.json carrying the chat template, for transformers."""
+    """tokenizer.json plus tokenizer_config.json carrying the chat template of its format, for transformers."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     tok.save(str(Path(folder) / "tokenizer.json"))
+    lay = layout(tok)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
-        "eos_token": END,
-        "pad_token": PAD,
+        "chat_template": chat_template(lay.fmt),
+        "eos_token": lay.fmt.end,
+        "pad_token": tok.id_to_token(lay.pad),
         "bos_token": None,
         "add_bos_token": False,
         "add_eos_token": False,
@@ -141,29 +264,45 @@ def _trained_turns(conv: list[dict], train_on: str) -> list[bool]:
     return trained
 
 
+def _split_header(tok: Tokenizer, lay: Layout, role: str, text: str, ids: list[int]) -> tuple[list[int], list[int]]:
+    """A turn's header text and content are encoded together (as a text template is); -> (header, content) ids.
+    Almost always the header's own ids come first; otherwise (a merge across the boundary, say content that starts
+    with blank lines) the tokens that start inside the header text are the header."""
+    head = lay.tail_ids[role]
+    if ids[: len(head)] == head:
+        return head, ids[len(head):]
+    enc = tok.encode(text, add_special_tokens=False)
+    cut = next((i for i, (a, _) in enumerate(enc.offsets) if a >= len(lay.tail[role])), len(enc.ids))
+    return enc.ids[:cut], enc.ids[cut:]
+
+
 def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str = "all_assistant"
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated conversations -> (ids int32, mask bool, offsets int64), all conversations end to end;
     conversation k is ids[offsets[k]:offsets[k+1]]. Turn texts go through one encode_batch call."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    texts = [turn_text(m) for conv in conversations for m in conv]
+    lay = layout(tok)
+    for role in {m["role"] for conv in conversations for m in conv}:
+        lay.header_ids(role)  # a clear error for a role the tokenizer has no marker for
+    texts = [lay.tail[m["role"]] + turn_text(m) for conv in conversations for m in conv]
     encoded = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-    end = tok.token_to_id(END)
-    marker = {role: tok.token_to_id(t) for role, t in ROLES.items()}
+    everything = train_on == "everything"
     ids, mask, offsets, k = [], [], [0], 0
     for conv in conversations:
         for m, trained in zip(conv, _trained_turns(conv, train_on)):
-            content = encoded[k].ids
+            role = m["role"]
+            head, content = (_split_header(tok, lay, role, texts[k], encoded[k].ids) if lay.tail[role]
+                             else ([], encoded[k].ids))
             k += 1
-            if marker[m["role"]] is None:
-                raise ValueError(f"the tokenizer has no {ROLES[m['role']]} marker (made before the tool role); "
-                                 "retrain it (the tokenizer stage) to use tool turns")
-            ids.append(marker[m["role"]])
+            header = lay.lead[role] + head
+            ids.extend(header)
             ids.extend(content)
-            ids.append(end)
-            mask.append(trained and train_on == "everything")
+            ids.append(lay.end)
+            ids.extend(lay.after_end)
+            mask.extend([trained and everything] * len(header))
             mask.extend([trained] * (len(content) + 1))
+            mask.extend([trained and everything] * len(lay.after_end))
         offsets.append(len(ids))
     return np.array(ids, np.int32), np.array(mask, np.bool_), np.array(offsets, np.int64)
 
@@ -172,10 +311,12 @@ def render_many(conversations: list[list[dict]], tok: Tokenizer, train_on: str =
                 ) -> list[tuple[list[int], list[bool]]]:
     """Render validated conversations to (ids, mask); mask[t] is True where ids[t] is trained.
     Worked example, `[user: "Hi", assistant: "Yo"]` (train_on=all_assistant):
-        ids   <|user|> Hi <|end|> <|assistant|> Yo <|end|>
+        ids   <|user|> Hi <|end|> <|assistant|> Yo <|end|>          (markers)
         mask    0      0    0         0          1    1
-    Markers are added as ids, never parsed from text; train_on=last_assistant trains only the last assistant
-    turn, everything trains every token but tool results (for ablations)."""
+        ids   <|im_start|> user \\n Hi <|im_end|> \\n <|im_start|> assistant \\n Yo <|im_end|> \\n      (chatml)
+        mask       0        0   0  0     0      0      0          0     0  1     1     0
+    Special tokens are added as ids, never parsed from text; train_on=last_assistant trains only the last
+    assistant turn, everything trains every token but tool results (for ablations)."""
     ids, mask, off = render_flat(conversations, tok, train_on)
     return [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
 
@@ -185,15 +326,15 @@ def render(conversation: list[dict], tok: Tokenizer, train_on: str = "all_assist
 
 
 def render_prompt(messages: list[dict], tok: Tokenizer) -> list[int]:
-    """A prompt for generation: the conversation rendered up to and including <|assistant|>."""
+    """A prompt for generation: the conversation rendered up to and including the assistant's header."""
     ids = render(messages, tok)[0] if messages else []
-    return ids + [tok.token_to_id(ASSISTANT)]
+    return ids + layout(tok).header_ids("assistant")
 
 
-def render_text(messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_text(messages: list[dict], add_generation_prompt: bool = False, fmt: ChatFormat = MARKERS) -> str:
     """The rendered conversation as text, as the exported Jinja template writes it."""
-    text = "".join(f"{ROLES[m['role']]}{turn_text(m)}{END}" for m in messages)
-    return text + (ASSISTANT if add_generation_prompt else "")
+    text = "".join(f"{fmt.header(m['role'])}{turn_text(m)}{fmt.end}{fmt.after_end}" for m in messages)
+    return text + (fmt.header("assistant") if add_generation_prompt else "")
 
 
 def labels_from(ids, mask) -> list[int]:
@@ -258,11 +399,11 @@ def read_conversations(path: str, on_error: str) -> tuple[list[list[dict]], list
 
 class MaskStats:
     """Masking statistics per source and per role, accumulated batch by batch (vectorised over tokens).
-    The assistant <|end|> count walks the ids (role markers), independently of the mask it checks."""
+    The assistant end count walks the ids (role headers), independently of the mask it checks."""
 
     def __init__(self, tok: Tokenizer):
-        self.end = tok.token_to_id(END)
-        self.role_of = {tok.token_to_id(t): r for r, t in ROLES.items() if tok.token_to_id(t) is not None}
+        self.layout = layout(tok)
+        self.end = self.layout.end
         self.stats: dict[str, dict] = {}
 
     def add(self, source: str, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
@@ -273,14 +414,16 @@ class MaskStats:
         s["trained_tokens"] += int(mask.sum())
         per_row = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if len(ids) else np.zeros(0)
         s["fully_masked_rows"] += int((per_row == 0).sum())
-        is_marker = np.isin(ids, list(self.role_of))
-        last_marker = np.maximum.accumulate(np.where(is_marker, np.arange(len(ids)), 0)) if len(ids) else ids
-        role_id = ids[last_marker]  # every conversation starts with a marker, so this never crosses rows
-        for marker, role in self.role_of.items():
-            in_role = role_id == marker
+        code = np.full(len(ids), -1, np.int64)  # role index at each turn's first token, then carried forward
+        for r, role in enumerate(ROLES):
+            code[self.layout.starts(ids, role)] = r
+        last = np.maximum.accumulate(np.where(code >= 0, np.arange(len(ids)), 0)) if len(ids) else code
+        role_at = code[last]  # every conversation starts with a header, so this never crosses rows
+        for r, role in enumerate(ROLES):
+            in_role = role_at == r
             s["roles"][role]["tokens"] += int(in_role.sum())
             s["roles"][role]["trained_tokens"] += int((in_role & mask).sum())
-        ends = (ids == self.end) & (role_id == next(m for m, r in self.role_of.items() if r == "assistant"))
+        ends = (ids == self.end) & (role_at == list(ROLES).index("assistant"))
         s["assistant_ends"] += int(ends.sum())
         s["assistant_ends_trained"] += int((ends & mask).sum())
 
@@ -347,7 +490,8 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
     counts: dict = {}
     stats = MaskStats(tok)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    writer = pq.ParquetWriter(out, RENDERED_SCHEMA)
+    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(layout(tok).header_ids("assistant"))})
+    writer = pq.ParquetWriter(out, schema)
     bar = tqdm(desc=progress or f"render {path}", unit=" rows", disable=None, mininterval=1.0)
 
     def flush(batch):
@@ -369,7 +513,7 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
             "source": pa.array(sources, pa.string()),
             "source_row": pa.array([r for _, r, _ in batch], pa.int64()),
-        }, schema=RENDERED_SCHEMA))
+        }, schema=schema))
         bar.update(len(batch))
 
     try:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-from pipeline.chat import END, load_tokenizer, read_conversations, render_prompt
+from pipeline.chat import layout, load_tokenizer, read_conversations, render_prompt
 from pipeline.common import setup_compute
 from pipeline.generate import Sampling, generate
 from pipeline.model import load_model
@@ -20,7 +20,7 @@ class Chat:
         self.compute = setup_compute(device, "float32")
         self.model = load_model(model_dir, self.compute.device).eval()
         self.tok = load_tokenizer(model_dir)
-        self.end = self.tok.token_to_id(END)
+        self.end = layout(self.tok).end
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.start = ([{"role": "system", "content": system}] if system else []) + list(history or [])
         self.messages = list(self.start)
@@ -86,7 +86,7 @@ def interactive(chat: Chat) -> None:
             continue
         if text:
             answer, stopped = chat.ask(text)
-            print(f"assistant> {answer}" + ("" if stopped else "  [no <|end|> within --max-new-tokens]"))
+            print(f"assistant> {answer}" + ("" if stopped else "  [no end token within --max-new-tokens]"))
 
 
 def main(argv=None) -> None:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline.chat import ASSISTANT, END, load_tokenizer, read_conversations, render_prompt
+from pipeline.chat import layout, load_tokenizer, read_conversations, render_prompt
 from pipeline.common import Compute, setup_compute, write_json
 from pipeline.generate import generate
 from pipeline.model import Transformer, load_model
@@ -131,13 +131,13 @@ def paired(a: list[dict], b: list[dict], keys, n_boot: int, seed: int, prefix: s
 # ---- generation -------------------------------------------------------------------------------------------
 def answer(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
            compute: Compute) -> list[tuple[str, bool]]:
-    """Greedy answers to conversations (rendered up to <|assistant|>): (text, stopped at <|end|>)."""
+    """Greedy answers to conversations (rendered up to the assistant header): (text, stopped at the end token)."""
     return answer_ids(model, tok, [render_prompt(p, tok) for p in prompts], max_new_tokens, batch_size, compute)
 
 
 def answer_ids(model, tok, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
                compute: Compute) -> list[tuple[str, bool]]:
-    end = tok.token_to_id(END)
+    end = layout(tok).end
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     results: list = [None] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not sys.stderr.isatty()):
@@ -216,18 +216,21 @@ def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, comput
 
 # ---- during training --------------------------------------------------------------------------------------
 def dev_prompts(arrays: dict, tok, n: int) -> list[tuple[list[int], str]]:
-    """The first n conversations of packed rows as (prompt ids up to the last <|assistant|>, gold answer text):
+    """The first n conversations of packed rows as (prompt ids up to the last assistant header, gold answer text):
     the packed dev split is all the training stage has, and it holds the rendered conversations whole."""
-    assistant, end = tok.token_to_id(ASSISTANT), tok.token_to_id(END)
+    lay = layout(tok)
+    header = lay.header_ids("assistant")
     out = []
     for ids, doc in zip(arrays["ids"], arrays["doc"]):
         for d in dict.fromkeys(doc[doc >= 0].tolist()):
-            seg = ids[doc == d].tolist()
-            if assistant not in seg:
-                continue
-            at = len(seg) - 1 - seg[::-1].index(assistant)
-            gold = [t for t in seg[at + 1 :] if t != end]
-            out.append((seg[: at + 1], tok.decode(gold).strip()))
+            seg = ids[doc == d]
+            starts = lay.starts(seg, "assistant")
+            if not len(starts) or seg[starts[-1] : starts[-1] + len(header)].tolist() != header:
+                continue  # no assistant turn, or its header merged with its text (the prompt would differ)
+            at = int(starts[-1]) + len(header)
+            gold = seg[at:].tolist()
+            gold = gold[: gold.index(lay.end)] if lay.end in gold else gold
+            out.append((seg[:at].tolist(), tok.decode(gold).strip()))
             if len(out) == n:
                 return out
     return out

@@ -6,6 +6,7 @@ A packed row of block_size 8 holding conversations 5 (3 tokens) and 9 (4 tokens)
     pos    0 1 2 0 1 2 3 0      (restarts per conversation)
     doc    5 5 5 9 9 9 9 -1     (rendered row index; the attention mask compares it, -1 is padding)"""
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from pipeline.chat import IGNORE_INDEX
 
 ARRAYS = ("ids", "labels", "pos", "doc")
-ASSISTANT_ID = 2  # <|assistant|>; pipeline.chat.check_tokenizer pins the chat markers to ids 0..4
+ASSISTANT_HEADER = (2,)  # <|assistant|> (markers pinned to ids 0..4); a rendered parquet records its own header
 RENDERED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                              ("source", pa.string()), ("source_row", pa.int64())])
 
@@ -112,22 +113,30 @@ def best_fit_decreasing(lengths: list[int], block_size: int) -> list[list[int]]:
     return rows
 
 
-def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "") -> int:
+def rendered_header(path: str) -> tuple[int, ...]:
+    """The assistant header ids recorded by the render stage in the parquet's metadata (the chat format's)."""
+    meta = pq.read_schema(path).metadata or {}
+    return tuple(json.loads(meta[b"assistant_header"])) if b"assistant_header" in meta else ASSISTANT_HEADER
+
+
+def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header=ASSISTANT_HEADER) -> int:
     """How many tokens of a rendered conversation go into the pack (0: dropped). Truncation cuts only the tail of
-    the last assistant turn, keeping its marker and at least one of its tokens; otherwise the row is dropped."""
+    the last assistant turn, keeping its header (`header` ids) and at least one of its tokens; otherwise the row
+    is dropped."""
     if len(x) <= block_size:
         return len(x)
     if overlong == "fail":
         raise ValueError(f"{where}: {len(x)} tokens > pack.block_size={block_size} (pack.overlong=fail)")
     if overlong == "truncate":
-        last = np.flatnonzero(x == ASSISTANT_ID)
-        if len(last) and last[-1] + 1 < block_size:
+        h = len(header)
+        at = np.flatnonzero(np.all([x[j : len(x) - h + 1 + j] == header[j] for j in range(h)], axis=0))
+        if len(at) and at[-1] + h < block_size:
             return block_size
     return 0
 
 
 def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sources=None, rows=None,
-         out: str | None = None) -> tuple[dict, dict]:
+         out: str | None = None, header=ASSISTANT_HEADER) -> tuple[dict, dict]:
     """Pack whole conversations into rows; returns the arrays (rows, block_size) and a report (per source when
     `sources` names each conversation's source). With `out`, the arrays are written there as .npy block by block
     and returned memory-mapped."""
@@ -138,7 +147,7 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     fits = lengths.copy()
     for i in np.flatnonzero(lengths > B):
         where = f"conversation {i}" if rows is None else f"{sources[i]}:{int(rows[i]) + 1}"
-        fits[i] = fit(ids[i], B, cfg.overlong, where)
+        fits[i] = fit(ids[i], B, cfg.overlong, where, header)
     keep = np.flatnonzero(fits > 0)
     plan = best_fit_decreasing(fits[keep].tolist(), B)
     n = len(plan)

