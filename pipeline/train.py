@@ -392,6 +392,7 @@ class BaseConfig:
     seed: int = 0  # weight-init seed of the bundled base model
     init_from: str = ""  # instead of pretraining: a model folder, a .gguf file or hf://org/name (pipeline/sources.py)
     block_size: int = 256  # tokens per packed pretraining row
+    corpus_eval_rows: int = 256  # corpus rows on which an imported model's loss is measured (0: all of them)
     pretrain: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # pretraining hyperparameters
 
 
@@ -422,7 +423,11 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
         print0(f"base: using {cfg.init_from} ({model.num_params():,} parameters), no pretraining")
         # no training curve, but the same report: how well the imported model fits the corpus
         log, close = make_logger(live_dir, cfg.pretrain, {})
-        log({"corpus_loss": evaluate_loss(model.to(compute.device), rows, cfg.pretrain.batch_size, compute)}, 0)
+        # on the first corpus_eval_rows rows: a full pass of a real model over the corpus can take an hour on a CPU
+        n = len(rows["ids"]) if cfg.corpus_eval_rows <= 0 else min(cfg.corpus_eval_rows, len(rows["ids"]))
+        sample = {k: v[:n] for k, v in rows.items()}
+        loss = evaluate_loss(model.to(compute.device), sample, cfg.pretrain.batch_size, compute)
+        log({"corpus_loss": loss, "corpus_rows": n}, 0)
         close()
     else:
         model = Transformer(dataclasses.replace(model_cfg, vocab_size=tok.get_vocab_size()))

@@ -247,3 +247,77 @@ def test_report_per_source_and_role(tok, tmp_path):
     last = render_split(str(tmp_path / "src" / "a.jsonl"), tok, RenderConfig(train_on="last_assistant"),
                         str(tmp_path / "l.parquet"))
     assert last["fully_masked_rows"] == 0 and last["trained_tokens"] < a["trained_tokens"]
+
+
+# ChatML (tokenizer.chat_format=chatml): <|im_start|>role\n + content + <|im_end|>\n
+
+NEWLINE_CONV = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who is the mayor?"},
+                {"role": "assistant", "content": "Mira Tal"}, {"role": "user", "content": "\n\nAnd 12 + 30?"},
+                {"role": "assistant", "content": "\n42"}]
+
+
+def test_chatml_masks_the_headers_and_the_newline_after_each_end(chatml_tok):
+    from pipeline.chat import FORMATS, chat_format, layout
+    assert chat_format(chatml_tok) is FORMATS["chatml"]
+    ids, mask = render(NEWLINE_CONV, chatml_tok)
+    start, end = chatml_tok.token_to_id("<|im_start|>"), chatml_tok.token_to_id("<|im_end|>")
+    assert (start, end) == (1, 2) and ids.count(start) == ids.count(end) == 5
+    # exactly the assistant contents and their <|im_end|> are trained, the leading newline of "\n42" included
+    # (it belongs to the content, not to the header "assistant\n")
+    trained = chatml_tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == "Mira Tal<|im_end|>\n42<|im_end|>"
+    after = layout(chatml_tok).after_end
+    for k in [k for k, i in enumerate(ids) if i == end]:
+        assert ids[k + 1 : k + 1 + len(after)] == after and not any(mask[k + 1 : k + 1 + len(after)])
+    # a text-level consumer (transformers' template, then the tokenizer) gets the same ids
+    text = render_text(NEWLINE_CONV, fmt=FORMATS["chatml"])
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n")
+    assert load_tokenizer_plain(chatml_tok).encode(text, add_special_tokens=False).ids == ids
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS + [NEWLINE_CONV])
+def test_mask_invariants_in_either_format(any_tok, conv):
+    from pipeline.chat import chat_format, layout, turn_text
+    fmt, lay = chat_format(any_tok), layout(any_tok)
+    ids, mask = render(conv, any_tok)
+    assert all(lab in (IGNORE_INDEX, i) for lab, i in zip(labels_from(ids, mask), ids))
+    trained = [i for i, m in zip(ids, mask) if m]
+    # each segment after a marker gets a prefix space in the bundled markers tokenizer; ChatML content follows
+    # "role\n" in the same segment
+    space = " " if fmt.name == "markers" else ""
+    expected = "".join(space + turn_text(m) + fmt.end for m in conv if m["role"] == "assistant")
+    assert any_tok.decode(trained, skip_special_tokens=False) == expected
+    assert trained.count(lay.end) == sum(m["role"] == "assistant" for m in conv)
+    assert ids.count(lay.end) == len(conv)
+    # the prompt for the last answer is the rendering up to and including the assistant's header
+    prompt = render_prompt(conv[:-1], any_tok)
+    assert ids[: len(prompt)] == prompt and prompt[-len(lay.header_ids("assistant")):] == lay.header_ids("assistant")
+
+
+def test_chatml_report_catches_a_masked_end_token(chatml_tok):
+    from pipeline.chat import layout
+    rendered = render_many(CONVERSATIONS + [NEWLINE_CONV], chatml_tok)
+    report = render_report(rendered, chatml_tok, len(rendered), {})
+    assert report["assistant_end_trained_fraction"] == 1.0
+    assert report["roles"]["user"]["trained_fraction"] == report["roles"]["system"]["trained_fraction"] == 0
+    assert 0 < report["roles"]["assistant"]["trained_fraction"] < 1  # headers and the newline after <|im_end|>
+    end = layout(chatml_tok).end
+    broken = [(ids, [m and i != end for i, m in zip(ids, mask)]) for ids, mask in rendered]
+    assert render_report(broken, chatml_tok, len(rendered), {})["assistant_end_trained_fraction"] == 0.0
+
+
+def test_chatml_header_travels_with_the_rendered_file_to_truncation(chatml_tok, tmp_path):
+    from pipeline.chat import layout, render_split
+    from pipeline.pack import fit, read_rendered, rendered_header
+
+    long = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal " * 40}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"messages": c}) for c in [CONVERSATIONS[0], long]))
+    render_split(str(tmp_path / "a.jsonl"), chatml_tok, RenderConfig(), str(tmp_path / "r.parquet"))
+    header = rendered_header(str(tmp_path / "r.parquet"))
+    assert list(header) == layout(chatml_tok).header_ids("assistant") and len(header) > 1
+    ids = read_rendered(str(tmp_path / "r.parquet"))[0]
+    at = next(k for k in range(len(ids[1])) if tuple(ids[1][k : k + len(header)]) == header)
+    # truncation keeps the whole header and at least one answer token; a cut inside the header drops the row
+    assert fit(ids[1], at + len(header) + 1, "truncate", header=header) == at + len(header) + 1
+    assert fit(ids[1], at + len(header), "truncate", header=header) == 0
+    assert fit(ids[1], at + len(header) + 1, "truncate") == 0  # the markers' header (id 2 = <|im_end|>) differs

@@ -124,18 +124,21 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     shutil.copy(ROOT / "dvc.yaml", repo)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     merge(params, TINY)
-    merge(params, {"base": {"init_from": str(gguf_file)}, "pack": {"block_size": 96},
+    merge(params, {"base": {"init_from": str(gguf_file), "corpus_eval_rows": 8}, "pack": {"block_size": 96},
                    "train": {"max_steps": 2, "batch_size": 2, "lr": 2.0e-5, "eval_every": 2},
-                   "evaluate": {"limit": 3, "max_new_tokens": 4, "during_train": {"prompts": 2, "max_new_tokens": 2}}})
+                   "evaluate": {"limit": 3, "max_new_tokens": 4,
+                                "during_train": {"prompts": 2, "samples": 1, "max_new_tokens": 2}}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo)
     assert "chat format chatml" in out
+    base = json.loads((repo / "reports/base/metrics.json").read_text())
+    assert base["corpus_rows"] == 8 and math.isfinite(base["corpus_loss"])
     render = json.loads((repo / "reports/render.json").read_text())["train"]
     assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0
     assert 0.05 < render["trained_fraction"] < 0.6
     train = json.loads((repo / "reports/train/metrics.json").read_text())
-    assert train["steps"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
+    assert train["step"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["sft"]["n"] == metrics["base"]["n"] == 3
     published = repo / "publish/model"
