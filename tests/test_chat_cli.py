@@ -76,3 +76,45 @@ def test_cli_prompt_history_and_errors(folder, tmp_path, monkeypatch, capsys):
         cli(monkeypatch, capsys, "Hi", folder, "--top-p", "0")
     with pytest.raises(SystemExit, match="empty input"):
         cli(monkeypatch, capsys, "   \n", folder)
+
+
+def test_interactive_chat_on_a_terminal(folder):
+    """On a real pseudo-terminal: the prompt, an answer per turn, /reset forgets the conversation, Ctrl-D ends."""
+    import os
+    import pty
+    import select
+
+    expected = Chat(folder, GREEDY, max_new_tokens=5, device="cpu")
+    first = expected.ask("Who is the mayor of Velmora?")[0]
+    second = expected.ask("When was it founded?")[0]
+    main_fd, term = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.chat", folder, "--max-new-tokens", "5"], cwd=ROOT,
+                            stdin=term, stdout=term, stderr=term, close_fds=True)
+    os.close(term)
+    seen = b""
+
+    def until(marker: bytes) -> str:
+        """Terminal output up to the next `marker` (the CLI waits for input there)."""
+        nonlocal seen
+        while marker not in seen:
+            ready, _, _ = select.select([main_fd], [], [], 60)
+            assert ready, f"no {marker!r} from the chat within 60 s; got {seen!r}"
+            seen += os.read(main_fd, 4096)
+        text, seen = seen.split(marker, 1)
+        return text.decode().replace("\r\n", "\n")
+
+    try:
+        assert "/reset starts over" in until(b"you> ")
+        os.write(main_fd, b"Who is the mayor of Velmora?\n")
+        assert f"assistant> {first}" in until(b"you> ")
+        os.write(main_fd, b"When was it founded?\n")
+        assert f"assistant> {second}" in until(b"you> ")  # the second turn sees the first
+        os.write(main_fd, b"/reset\n")
+        until(b"you> ")
+        os.write(main_fd, b"Who is the mayor of Velmora?\n")
+        assert f"assistant> {first}" in until(b"you> ")  # a fresh conversation: the first answer again
+        os.write(main_fd, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(main_fd)
