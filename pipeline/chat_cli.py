@@ -30,7 +30,7 @@ class Chat:
         self.messages, self.turns = list(self.start), 0
 
     def prompt_ids(self) -> list[int]:
-        """The conversation rendered up to <|assistant|>; the oldest exchanges are dropped (the system message
+        """The conversation rendered up to the assistant header; the oldest exchanges are dropped (the system message
         is kept) while it does not fit the model's context with room for the answer."""
         limit = self.model.cfg.max_seq_len - self.max_new_tokens
         ids = render_prompt(self.messages, self.tok)
@@ -44,7 +44,7 @@ class Chat:
         return ids
 
     def ask(self, text: str) -> tuple[str, bool]:
-        """The model's answer to `text` given the conversation so far, and whether it stopped at <|end|>."""
+        """The model's answer to `text` given the conversation so far, and whether it stopped at the end token."""
         self.messages.append({"role": "user", "content": text})
         sampling = Sampling(self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                             self.sampling.seed + self.turns)  # a fresh draw each turn, reproducible per seed

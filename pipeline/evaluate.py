@@ -188,7 +188,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], compu
 
 
 def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, compute: Compute, name: str) -> list[dict]:
-    """SPEC §5 categorical evaluation: at the answer position (the <|assistant|> that ends the prompt) only the
+    """SPEC §5 categorical evaluation: at the answer position (the assistant header that ends the prompt) only the
     option letters are compared, and the most likely one is the choice; correct when it is the gold letter.
     A letter is scored by its log-probability as the model would write it (content has a prefix space): with
     single-token letters that is the letter's logit minus a constant shared by all letters, so the argmax is the

@@ -325,7 +325,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def save_model(model: Transformer, tok, folder: str) -> None:
     """A complete HF Llama folder: config.json, model.safetensors (fp32; a tied lm_head is not stored),
-    generation_config.json (stops at <|end|>) and the tokenizer files with the chat template."""
+    generation_config.json (stops at the format's end token) and the tokenizer files with the chat template."""
     special = special_ids(tok)
     state = {}
     for name, p in model.state_dict().items():

@@ -38,7 +38,7 @@ def check_gate(cfg: PublishConfig, metrics: dict) -> None:
     if stopped < cfg.min_stopped:
         raise ValueError(
             f"publish: refusing to publish: sft.stopped = {stopped:.3f} is below publish.min_stopped = "
-            f"{cfg.min_stopped:.3f} (the fine-tuned model does not end enough held-out answers with <|end|>). "
+            f"{cfg.min_stopped:.3f} (the fine-tuned model does not end enough held-out answers with its end token). "
             "Train longer or check the mask in reports/render.json; set publish.min_stopped lower to publish anyway.")
 
 

@@ -107,10 +107,10 @@ def write_report(metrics: dict, generation: list[dict], figures: dict[str, str],
     pictures = "\n\n".join(f"![{name}]({Path(p).relative_to(root)})" for name, p in figures.items())
     Path(out_md).write_text(f"""# Evaluation: base vs SFT
 
-Same harness for both models (SPEC §5): greedy decoding with the chat template, stopping at `<|end|>`. Every rate
-is a mean over examples with its bootstrap 95% interval in brackets; the last column is the SFT−base difference on
-the same examples with a paired bootstrap interval. `mc_accuracy` is the multiple-choice accuracy from the option
-letters' scores at the answer position (`mc_n` questions).
+Same harness for both models (SPEC §5): greedy decoding with the chat template, stopping at the format's end
+token. Every rate is a mean over examples with its bootstrap 95% interval in brackets; the last column is the
+SFT−base difference on the same examples with a paired bootstrap interval. `mc_accuracy` is the multiple-choice
+accuracy from the option letters' scores at the answer position (`mc_n` questions).
 
 {metrics_table(metrics)}
 

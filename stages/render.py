@@ -14,7 +14,7 @@ def main(tokenizer: str, train: str, dev: str, heldout: str, out: str, report: s
             r = reports[split] = render_split(path, tok, cfg, f"{tmp}/{split}.parquet", progress=f"render {split}")
             print(f"render {split}: read {r['rows_read']}, kept {r['rows_kept']}, dropped {r['dropped']}, "
                   f"trained fraction {r['trained_fraction']:.3f}, "
-                  f"assistant <|end|> trained {r['assistant_end_trained_fraction']:.3f}")
+                  f"assistant end token trained {r['assistant_end_trained_fraction']:.3f}")
     write_json(report, reports)
 
 
