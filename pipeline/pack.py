@@ -5,8 +5,10 @@ A packed row of block_size 8 holding conversations 5 (3 tokens) and 9 (4 tokens)
     labels - a a - b b b -      (- is -100; a conversation's own mask, padding never trained)
     pos    0 1 2 0 1 2 3 0      (restarts per conversation)
     doc    5 5 5 9 9 9 9 -1     (rendered row index; the attention mask compares it, -1 is padding)"""
+import contextlib
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,10 @@ class PackConfig:
         if not isinstance(self.weights, dict):
             raise ValueError(f"pack.weights must be a mapping source -> weight, got {self.weights!r}")
         for name, w in self.weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            if isinstance(w, str):  # `dvc exp run -S +pack.weights.a=3e-5` writes 3e-05, which YAML reads as a string
+                with contextlib.suppress(ValueError):
+                    w = self.weights[name] = float(w)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise ValueError(f"pack.weights.{name} must be a number >= 0, got {w!r}")
 
 
