@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,25 +102,30 @@ def best_fit_decreasing(lengths, block_size: int) -> tuple[np.ndarray, np.ndarra
     row with the least room that fits it, after the conversations already there. Rows are bucketed by free space,
     and a bit set of the nonempty buckets finds the best fit in a few integer operations. Only lengths are needed."""
     lengths = np.asarray(lengths, np.int64)
-    row, offset = [0] * len(lengths), [0] * len(lengths)
+    row, offset = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
     n_rows = 0
     by_space: list[list[int]] = [[] for _ in range(block_size + 1)]  # free space -> row numbers
     nonempty = 0  # bit s set: some row has exactly s tokens free
     order = np.argsort(-lengths, kind="stable")
-    for i, n in zip(order.tolist(), lengths[order].tolist()):
-        room = nonempty >> n  # bit j: a row with n + j tokens free
-        if not room:
-            r, space = n_rows, block_size
-            n_rows += 1
-        else:
-            space = n + (room & -room).bit_length() - 1  # the lowest set bit: the least room that fits
-            r = by_space[space].pop()
-            if not by_space[space]:
-                nonempty ^= 1 << space
-        row[i], offset[i] = r, block_size - space
-        by_space[space - n].append(r)
-        nonempty |= 1 << (space - n)
-    return np.array(row, np.int64), np.array(offset, np.int64), n_rows
+    for first in range(0, len(order), 1 << 16):  # in slices, so that no list of every index is held
+        part = order[first : first + (1 << 16)]
+        rows, offsets = [], []
+        for n in lengths[part].tolist():
+            room = nonempty >> n  # bit j: a row with n + j tokens free
+            if not room:
+                r, space = n_rows, block_size
+                n_rows += 1
+            else:
+                space = n + (room & -room).bit_length() - 1  # the lowest set bit: the least room that fits
+                r = by_space[space].pop()
+                if not by_space[space]:
+                    nonempty ^= 1 << space
+            rows.append(r)
+            offsets.append(block_size - space)
+            by_space[space - n].append(r)
+            nonempty |= 1 << (space - n)
+        row[part], offset[part] = rows, offsets
+    return row, offset, n_rows
 
 
 def rendered_header(path: str) -> tuple[int, ...]:
@@ -149,17 +155,25 @@ def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header=A
 
 
 def _scatter(write, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, k: np.ndarray, fits: np.ndarray,
-             row: np.ndarray, offset: np.ndarray, block_size: int) -> int:
+             row: np.ndarray, offset: np.ndarray, block_size: int, first_row: int = 0) -> int:
     """Places conversations k (tokens ids[starts[j]:starts[j] + fits[k[j]]], all conversations end to end) at
-    their (row, offset): write(name, flat positions, values) for each array. Returns their trained tokens."""
+    their (row - first_row, offset): write(name, flat positions, values) for each array. Returns their trained
+    tokens."""
     n = fits[k]
     within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # position inside its conversation
     src = np.repeat(starts, n) + within
-    dst = np.repeat(row[k] * block_size + offset[k], n) + within
+    dst = np.repeat((row[k] - first_row) * block_size + offset[k], n) + within
     lab = labels[src]
     for name, values in (("ids", ids[src]), ("labels", lab), ("pos", within), ("doc", np.repeat(k, n))):
         write(name, dst, values)
     return int((lab != IGNORE_INDEX).sum())
+
+
+def _into(arrays: dict):
+    """The `write` of _scatter for arrays in memory."""
+    def write(name: str, dst: np.ndarray, values: np.ndarray) -> None:
+        arrays[name].reshape(-1)[dst] = values
+    return write
 
 
 def _report(lengths: np.ndarray, fits: np.ndarray, sources: np.ndarray, n: int, B: int, trained: int) -> dict:
@@ -205,11 +219,7 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     arrays = {name: np.full((n, B), PADDING[name], np.int32) for name in ARRAYS}
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = [np.concatenate(x).astype(np.int32, copy=False) if n_conv else np.zeros(0, np.int32) for x in (ids, labels)]
-
-    def write(name, dst, values):
-        arrays[name].reshape(-1)[dst] = values
-
-    trained = _scatter(write, *flat, starts[keep], keep, fits, row, offset, B)
+    trained = _scatter(_into(arrays), *flat, starts[keep], keep, fits, row, offset, B)
     if out is not None:
         save_packed(arrays, out)
         arrays = load_packed(out)
@@ -258,11 +268,13 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
                          np.concatenate([np.zeros(0, np.int64)] + fits), sources, meta.column("source_row").to_numpy())
 
 
-def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackConfig, out: str) -> dict:
+def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackConfig, out: str,
+                  window: int | None = None) -> dict:
     """Pack the conversations order[0], order[1], ... (rows of the rendered parquet; repeats allowed) into .npy
     arrays in `out`; returns the report. The same output as `pack` on those conversations in memory, but only
-    lengths are held: the rows are planned first, then the output files are filled with padding, and the row
-    groups are read one at a time and scattered to their places (memory-mapped, one array at a time)."""
+    lengths are held. The rows are planned first; the output is then made in windows of ~4 MiB per array: one
+    pass over the row groups spills each conversation's tokens to its window's file (sequential appends), then
+    each window is filled in memory from its spill and written out. Temporary disk: 8 bytes a packed token."""
     B = cfg.block_size
     lengths, fits, sources = index.lengths[order], index.fits[order], index.sources[order]
     if cfg.overlong == "fail" and (lengths > B).any():
@@ -272,33 +284,66 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
     row, offset, n = np.full(len(order), -1), np.full(len(order), -1), 0
     if len(keep):
         row[keep], offset[keep], n = best_fit_decreasing(fits[keep], B)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for name in ARRAYS:  # padding everywhere first, written in chunks
-        with open(Path(out) / f"{name}.npy", "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
-                                                     "fortran_order": False, "shape": (n, B)})
-            chunk = np.full(1 << 22, PADDING[name], np.int32)
-            for first in range(0, n * B, len(chunk)):
-                f.write(chunk[: min(len(chunk), n * B - first)].tobytes())
-
-    def write(name, dst, values):  # map, write, unmap: resident pages stay those of one row group's scatter
-        mm = np.load(Path(out) / f"{name}.npy", mmap_mode="r+")
-        mm.reshape(-1)[dst] = values  # the pages stay in the page cache; unmapping does not wait for the disk
-        del mm
-
+    window = window or max(1, (1 << 20) // B)  # output rows per window: 4 MiB per array
     by_file = keep[np.argsort(order[keep], kind="stable")]  # the kept conversations, in file order
     file_rows = order[by_file]
-    f, first, trained = pq.ParquetFile(path), 0, 0
-    for g in tqdm(range(f.num_row_groups), desc="pack", unit=" row groups", disable=None, mininterval=1.0):
-        t = f.read_row_group(g, columns=["input_ids", "labels"])
-        last = first + t.num_rows
-        a, b = np.searchsorted(file_rows, [first, last])
-        if b > a:
-            k = by_file[a:b]
-            (ids, off), (labels, _) = _flat(t.column("input_ids")), _flat(t.column("labels"))
-            trained += _scatter(write, ids, labels, off[order[k] - first], k, fits, row, offset, B)
-        first = last
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".spill") as spill:
+        chunks = _spill(path, by_file, file_rows, order, fits, row // window, spill)
+        files = {k: open(Path(out) / f"{k}.npy", "wb") for k in ARRAYS}
+        trained = 0
+        try:
+            for f in files.values():
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+                                                         "fortran_order": False, "shape": (n, B)})
+            for w, first in enumerate(tqdm(range(0, n, window), desc="pack", unit=" windows", disable=None)):
+                block = {k: np.full((min(n, first + window) - first, B), PADDING[k], np.int32) for k in ARRAYS}
+                buf, pos = np.fromfile(Path(spill) / str(w), np.int32), 0
+                for k in chunks[w]:  # a chunk: conversations k's ids end to end, then their labels
+                    m = int(fits[k].sum())
+                    trained += _scatter(_into(block), buf[pos : pos + m], buf[pos + m : pos + 2 * m],
+                                        np.cumsum(fits[k]) - fits[k], k, fits, row, offset, B, first)
+                    pos += 2 * m
+                for k, f in files.items():
+                    block[k].tofile(f)
+        finally:
+            for f in files.values():
+                f.close()
     return _report(lengths, fits, sources, n, B, trained)
+
+
+def _spill(path: str, by_file: np.ndarray, file_rows: np.ndarray, order: np.ndarray, fits: np.ndarray,
+           windows: np.ndarray, spill: str) -> list[list[np.ndarray]]:
+    """One pass over the row groups: the tokens of each kept conversation are appended to its window's file, as
+    chunks (ids then labels of some conversations). Returns per window the conversations of each chunk."""
+    chunks: list[list[np.ndarray]] = [[] for _ in range(int(windows.max(initial=-1)) + 1)]
+    files: dict[int, object] = {}
+    f, first = pq.ParquetFile(path), 0
+    try:
+        for g in range(f.num_row_groups):
+            t = f.read_row_group(g, columns=["input_ids", "labels"])
+            last = first + t.num_rows
+            a, b = np.searchsorted(file_rows, [first, last])
+            k = by_file[a:b][np.argsort(windows[by_file[a:b]], kind="stable")]  # grouped by window
+            if len(k):
+                (ids, off), (labels, _) = _flat(t.column("input_ids")), _flat(t.column("labels"))
+                n = fits[k]
+                src = np.repeat(off[order[k] - first], n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+                ids, labels, ends = ids[src], labels[src], np.cumsum(n)
+                w, at = np.unique(windows[k], return_index=True)
+                for j, (wj, c) in enumerate(zip(w.tolist(), at.tolist())):
+                    d = at[j + 1] if j + 1 < len(at) else len(k)
+                    lo, hi = ends[c] - n[c], ends[d - 1]
+                    if wj not in files:
+                        files[wj] = open(Path(spill) / str(wj), "wb")
+                    ids[lo:hi].tofile(files[wj])
+                    labels[lo:hi].tofile(files[wj])
+                    chunks[wj].append(k[c:d])
+            first = last
+    finally:
+        for out in files.values():
+            out.close()
+    return chunks
 
 
 def length_histogram(lengths: np.ndarray, block_size: int, bins: int = 32) -> list[dict]:

@@ -149,9 +149,11 @@ def test_pack_rendered_streams_the_same_rows_as_pack_in_memory(tmp_path, policy)
             pack_rendered(path, index, order, cfg, str(tmp_path / "p"))
         return
     arrays, report = pack(*in_memory)
-    assert pack_rendered(path, index, order, cfg, str(tmp_path / "p")) == report
-    loaded = load_packed(str(tmp_path / "p"))
-    assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+    for window in (None, 7):  # output rows per window: all at once, or filled 7 rows at a time
+        assert pack_rendered(path, index, order, cfg, str(tmp_path / "p"), window) == report
+        loaded = load_packed(str(tmp_path / "p"))
+        assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+        assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(f"{k}.npy" for k in arrays)  # no spill
     assert report["dropped_overlong"] > 0 and (report["truncated"] > 0) == (policy == "truncate")
 
 
