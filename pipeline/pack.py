@@ -226,9 +226,9 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     return arrays, _report(lengths, fits, sources, n, B, trained)
 
 
-def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
     """A list<int32> column -> (all values end to end, offsets from 0): row i is values[offsets[i]:offsets[i+1]]."""
-    col = column.combine_chunks()
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     off = col.offsets.to_numpy().astype(np.int64)
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False), off - off[0]
 
@@ -314,35 +314,34 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
 
 def _spill(path: str, by_file: np.ndarray, file_rows: np.ndarray, order: np.ndarray, fits: np.ndarray,
            windows: np.ndarray, spill: str) -> list[list[np.ndarray]]:
-    """One pass over the row groups: the tokens of each kept conversation are appended to its window's file, as
-    chunks (ids then labels of some conversations). Returns per window the conversations of each chunk."""
+    """One pass over the file, 8k conversations at a time: the tokens of each kept conversation are appended to
+    its window's file, as chunks (ids then labels of some conversations). Returns per window the conversations of
+    each chunk. Files are opened per chunk, so any number of windows works within the open-file limit."""
     chunks: list[list[np.ndarray]] = [[] for _ in range(int(windows.max(initial=-1)) + 1)]
-    files: dict[int, object] = {}
-    f, first = pq.ParquetFile(path), 0
-    try:
-        for g in range(f.num_row_groups):
-            t = f.read_row_group(g, columns=["input_ids", "labels"])
-            last = first + t.num_rows
-            a, b = np.searchsorted(file_rows, [first, last])
-            k = by_file[a:b][np.argsort(windows[by_file[a:b]], kind="stable")]  # grouped by window
-            if len(k):
-                (ids, off), (labels, _) = _flat(t.column("input_ids")), _flat(t.column("labels"))
-                n = fits[k]
-                src = np.repeat(off[order[k] - first], n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-                ids, labels, ends = ids[src], labels[src], np.cumsum(n)
-                w, at = np.unique(windows[k], return_index=True)
-                for j, (wj, c) in enumerate(zip(w.tolist(), at.tolist())):
-                    d = at[j + 1] if j + 1 < len(at) else len(k)
-                    lo, hi = ends[c] - n[c], ends[d - 1]
-                    if wj not in files:
-                        files[wj] = open(Path(spill) / str(wj), "wb")
-                    ids[lo:hi].tofile(files[wj])
-                    labels[lo:hi].tofile(files[wj])
-                    chunks[wj].append(k[c:d])
-            first = last
-    finally:
-        for out in files.values():
-            out.close()
+    f, first, groups = pq.ParquetFile(path), 0, []
+    for g in range(f.num_row_groups):  # consecutive row groups of at least 8k conversations
+        if not groups or sum(f.metadata.row_group(i).num_rows for i in groups[-1]) >= 1 << 13:
+            groups.append([])
+        groups[-1].append(g)
+    for gs in groups:
+        t = f.read_row_groups(gs, columns=["input_ids", "labels"])
+        last = first + t.num_rows
+        a, b = np.searchsorted(file_rows, [first, last])
+        k = by_file[a:b][np.argsort(windows[by_file[a:b]], kind="stable")]  # grouped by window
+        if len(k):
+            (ids, off), (labels, _) = _flat(t.column("input_ids")), _flat(t.column("labels"))
+            n = fits[k]
+            src = np.repeat(off[order[k] - first], n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            ids, labels, ends = ids[src], labels[src], np.cumsum(n)
+            w, at = np.unique(windows[k], return_index=True)
+            for j, (wj, c) in enumerate(zip(w.tolist(), at.tolist())):
+                d = at[j + 1] if j + 1 < len(at) else len(k)
+                lo, hi = ends[c] - n[c], ends[d - 1]
+                with open(Path(spill) / str(wj), "ab") as out:
+                    ids[lo:hi].tofile(out)
+                    labels[lo:hi].tofile(out)
+                chunks[wj].append(k[c:d])
+        first = last
     return chunks
 
 
