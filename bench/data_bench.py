@@ -82,15 +82,14 @@ def phase_render(data: Path, batch: int) -> dict:
 
 
 def phase_pack(block: int) -> dict:
-    from pipeline.pack import PackConfig, pack, read_rendered, weighted_order
+    from pipeline.pack import PackConfig, pack_rendered, read_index, weighted_order
 
     t0 = time.perf_counter()
-    ids, labels, rows, sources = read_rendered(str(WORK / "rendered.parquet"), with_sources=True)
-    order = weighted_order(sources, {}, 0)
-    ids, labels = [ids[i] for i in order], [labels[i] for i in order]
-    _, report = pack(ids, labels, PackConfig(block_size=block), sources=sources[order], out=str(WORK / "packed"))
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    kept = lengths[lengths <= block]
+    cfg, path = PackConfig(block_size=block), str(WORK / "rendered.parquet")
+    index = read_index(path, cfg)
+    order = weighted_order(index.sources, {}, 0)
+    report = pack_rendered(path, index, order, cfg, str(WORK / "packed"))
+    kept = index.lengths[index.lengths <= block]
     return {"seconds": time.perf_counter() - t0, "rows": report["rows"], "utilisation": report["utilisation"],
             "ideal_utilisation": report["ideal_utilisation"],
             "ideal_rows": int(-(-kept.sum() // block)), "dropped_overlong": report["dropped_overlong"]}

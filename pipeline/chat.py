@@ -288,23 +288,25 @@ def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str =
     texts = [lay.tail[m["role"]] + turn_text(m) for conv in conversations for m in conv]
     encoded = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     everything = train_on == "everything"
-    ids, mask, offsets, k = [], [], [0], 0
+    lead, tail, end, after_end = lay.lead, lay.tail, lay.end, lay.after_end
+    ids, runs, flags, offsets, k = [], [], [], [0], 0  # the mask as runs: runs[j] positions of flags[j]
     for conv in conversations:
         for m, trained in zip(conv, _trained_turns(conv, train_on)):
             role = m["role"]
-            head, content = (_split_header(tok, lay, role, texts[k], encoded[k].ids) if lay.tail[role]
-                             else ([], encoded[k].ids))
+            header, content = lead[role], encoded[k].ids
+            if tail[role]:
+                head, content = _split_header(tok, lay, role, texts[k], content)
+                header = header + head
             k += 1
-            header = lay.lead[role] + head
-            ids.extend(header)
-            ids.extend(content)
-            ids.append(lay.end)
-            ids.extend(lay.after_end)
-            mask.extend([trained and everything] * len(header))
-            mask.extend([trained] * (len(content) + 1))
-            mask.extend([trained and everything] * len(lay.after_end))
+            ids += header
+            ids += content
+            ids.append(end)
+            ids += after_end
+            runs += (len(header), len(content) + 1, len(after_end))  # header | content and <|end|> | after it
+            flags += (trained and everything, trained, trained and everything)
         offsets.append(len(ids))
-    return np.array(ids, np.int32), np.array(mask, np.bool_), np.array(offsets, np.int64)
+    mask = np.repeat(np.array(flags, np.bool_), np.array(runs, np.int64))
+    return np.array(ids, np.int32), mask, np.array(offsets, np.int64)
 
 
 def render_many(conversations: list[list[dict]], tok: Tokenizer, train_on: str = "all_assistant"
@@ -481,6 +483,8 @@ def render_report(rendered: list[tuple[list[int], list[bool]]], tok: Tokenizer, 
 def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progress: str = "") -> dict:
     """A file or folder of sources -> parquet of (input_ids, labels, source, source_row), streamed: conversations
     are tokenized cfg.batch_size at a time and each batch is one row group. Returns the masking report."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -517,14 +521,22 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
         bar.update(len(batch))
 
     try:
-        batch = []
-        for item in iter_conversations(path, cfg.on_error, counts):
-            batch.append(item)
-            if len(batch) == cfg.batch_size:
+        # batch k is tokenized and written in a thread (the tokenizer releases the GIL) while batch k+1 is read
+        # and validated: one batch in flight, so the order, the output and the first error are as if in sequence
+        with ThreadPoolExecutor(1) as pool:
+            batch, pending = [], None
+            try:
+                for item in iter_conversations(path, cfg.on_error, counts):
+                    batch.append(item)
+                    if len(batch) == cfg.batch_size:
+                        if pending is not None:
+                            pending.result()
+                        pending, batch = pool.submit(flush, batch), []
+            finally:
+                if pending is not None:
+                    pending.result()  # an error in an earlier batch is raised first
+            if batch:
                 flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
     finally:
         writer.close()
         bar.close()

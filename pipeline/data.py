@@ -100,6 +100,8 @@ def _raw_rows(path: Path):
 
 def _present(m: dict) -> dict:
     """A message without keys whose value is null (parquet writes absent struct fields as nulls)."""
+    if None not in m.values():  # the common case: nothing to drop, no copy
+        return m
     return {k: v for k, v in m.items() if v is not None or k == "content"}
 
 
@@ -168,7 +170,7 @@ def validate(messages) -> str | None:
             return "missing_role"
         if m["role"] not in ROLE_NAMES:
             return "unknown_role"
-        if set(m) - MESSAGE_KEYS:
+        if not MESSAGE_KEYS.issuperset(m):
             return "unknown_message_key"
         if "tool_calls" in m:
             if m["role"] != "assistant":
@@ -180,7 +182,7 @@ def validate(messages) -> str | None:
         content = m.get("content")
         if content is not None and not isinstance(content, str):
             return "content_not_a_string"
-        if (content is None or not content.strip()) and "tool_calls" not in m:
+        if (content is None or not content or content.isspace()) and "tool_calls" not in m:  # isspace: as strip()
             return "content_null_or_empty"
         if m["role"] == "system" and i > 0:
             return "system_not_first"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic_dir, load_params, write_json
-from pipeline.pack import PackConfig, length_histogram, pack, read_rendered, rendered_header, weighted_order
+from pipeline.pack import PackConfig, length_histogram, pack_rendered, read_index, weighted_order
 
 
 def main(rendered: str, out: str, report: str, histogram: str) -> None:
@@ -15,14 +15,12 @@ def main(rendered: str, out: str, report: str, histogram: str) -> None:
     reports, hist = {}, {}
     with atomic_dir(out) as tmp:
         for split in ("train", "dev"):
-            ids, labels, rows, sources = read_rendered(f"{rendered}/{split}.parquet", with_sources=True)
-            if split == "train":
-                order = weighted_order(sources, cfg.weights, cfg.seed)
-                ids, labels, rows, sources = [ids[i] for i in order], [labels[i] for i in order], rows[order], \
-                    sources[order]
-            _, reports[split] = pack(ids, labels, cfg, sources=sources, rows=rows, out=f"{tmp}/{split}",
-                                     header=rendered_header(f"{rendered}/{split}.parquet"))
-            hist[split] = length_histogram(np.fromiter(map(len, ids), np.int64, len(ids)), cfg.block_size)
+            path = f"{rendered}/{split}.parquet"
+            index = read_index(path, cfg)  # lengths, sources, rows: no tokens held
+            order = (weighted_order(index.sources, cfg.weights, cfg.seed) if split == "train"
+                     else np.arange(len(index.lengths)))
+            reports[split] = pack_rendered(path, index, order, cfg, f"{tmp}/{split}")
+            hist[split] = length_histogram(index.lengths[order], cfg.block_size)
             print(f"pack {split}: " + ", ".join(f"{k}={v}" for k, v in reports[split].items() if k != "sources"))
     write_json(report, reports)
     Path(histogram).mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,15 @@ def test_a_tokenizer_without_the_tool_marker_still_renders_chats(tok, tmp_path):
     assert render(CONVERSATIONS[0], old) == render(CONVERSATIONS[0], tok)
     with pytest.raises(ValueError, match="no <\\|tool\\|> marker"):
         render(TOOL_CONV, old)
+    # render_split tokenizes batch k while batch k+1 is read: the first error in file order is still the one raised
+    from pipeline.chat import render_split
+    first, tool, bad = json.dumps({"messages": CONVERSATIONS[0]}), json.dumps({"messages": TOOL_CONV}), "{bad"
+    (tmp_path / "a.jsonl").write_text("\n".join([first, tool, bad]) + "\n")  # bad is read while tool is in flight
+    with pytest.raises(ValueError, match="no <\\|tool\\|> marker"):
+        render_split(str(tmp_path / "a.jsonl"), old, RenderConfig(batch_size=1), str(tmp_path / "a.parquet"))
+    (tmp_path / "b.jsonl").write_text("\n".join([first, bad, tool]) + "\n")
+    with pytest.raises(ValueError, match="b.jsonl:2: invalid_json"):
+        render_split(str(tmp_path / "b.jsonl"), old, RenderConfig(batch_size=1), str(tmp_path / "b.parquet"))
 
 
 def test_report_per_source_and_role(tok, tmp_path):

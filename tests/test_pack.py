@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 
 from pipeline.chat import IGNORE_INDEX
-from pipeline.pack import (PackConfig, best_fit_decreasing, length_histogram, load_packed, pack, read_rendered,
-                           save_packed, weighted_order, write_rendered)
+from pipeline.pack import (PackConfig, best_fit_decreasing, length_histogram, load_packed, pack, pack_rendered,
+                           read_index, read_rendered, save_packed, weighted_order, write_rendered)
 
 
 def conversations(n, seed=0, max_len=60):
@@ -35,10 +37,15 @@ def test_packing_loses_duplicates_and_splits_nothing():
 
 
 def test_best_fit_decreasing_fills_rows_tightly():
-    rows = best_fit_decreasing([5, 3, 7, 1, 4, 2, 6], 8)
-    assert sorted(i for r in rows for i in r) == list(range(7))
-    assert all(sum([5, 3, 7, 1, 4, 2, 6][i] for i in r) <= 8 for r in rows)
-    assert len(rows) == 4  # 28 tokens in rows of 8: the minimum
+    lengths = np.array([5, 3, 7, 1, 4, 2, 6])
+    row, offset, n = best_fit_decreasing(lengths, 8)
+    assert n == 4  # 28 tokens in rows of 8: the minimum
+    for r in range(n):  # each row's conversations lie end to end from offset 0, within the row
+        mine = np.flatnonzero(row == r)
+        mine = mine[np.argsort(offset[mine])]
+        assert offset[mine[0]] == 0 and np.all(offset[mine[1:]] == (offset + lengths)[mine[:-1]])
+        assert (offset + lengths)[mine[-1]] <= 8
+    assert row.tolist() == [2, 2, 0, 0, 3, 1, 1] and offset.tolist() == [0, 5, 0, 7, 0, 6, 0]  # longest first
 
 
 @pytest.mark.parametrize("policy", ["drop", "truncate", "fail"])
@@ -118,6 +125,36 @@ def test_rendered_and_packed_files_round_trip(tmp_path):
     save_packed(arrays, str(tmp_path / "p"))
     loaded = load_packed(str(tmp_path / "p"))
     assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate", "fail"])
+def test_pack_rendered_streams_the_same_rows_as_pack_in_memory(tmp_path, policy):
+    ids, labels = conversations(300, max_len=50)
+    for i in (7, 150, 299):  # overlong, with an assistant header (2) early enough to truncate after it
+        ids[i] = np.array([1] + [7] * 5 + [4, 2] + [9] * (40 + i % 11), np.int32)
+        labels[i] = np.where(np.arange(len(ids[i])) > 7, ids[i], IGNORE_INDEX).astype(np.int32)
+    sources = ["a"] * 120 + ["b"] * 100 + ["c"] * 80
+    rows = list(range(120)) + list(range(100)) + list(range(80))
+    path = str(tmp_path / "r.parquet")
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], rows, sources, row_group_size=64)
+    cfg = PackConfig(block_size=48, overlong=policy)
+    index = read_index(path, cfg)
+    assert index.lengths.tolist() == [len(x) for x in ids] and index.sources.tolist() == sources
+    order = weighted_order(index.sources, {"a": 1.5, "b": 2.0, "c": 0.5}, seed=2)
+    in_memory = ([ids[i] for i in order], [labels[i] for i in order], cfg, index.sources[order], index.rows[order])
+    if policy == "fail":
+        with pytest.raises(ValueError, match="tokens > pack.block_size=48") as e:
+            pack(*in_memory)
+        with pytest.raises(ValueError, match=re.escape(str(e.value))):  # the same conversation is named
+            pack_rendered(path, index, order, cfg, str(tmp_path / "p"))
+        return
+    arrays, report = pack(*in_memory)
+    for window in (None, 7):  # output rows per window: all at once, or filled 7 rows at a time
+        assert pack_rendered(path, index, order, cfg, str(tmp_path / "p"), window) == report
+        loaded = load_packed(str(tmp_path / "p"))
+        assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
+        assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(f"{k}.npy" for k in arrays)  # no spill
+    assert report["dropped_overlong"] > 0 and (report["truncated"] > 0) == (policy == "truncate")
 
 
 def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok):

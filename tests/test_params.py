@@ -44,6 +44,22 @@ def test_dvc_style_overrides_are_coerced():
     assert nested.pretrain.lr == 1e-3
 
 
+def test_pack_weights_set_per_source_with_dvc_set_param(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"pack": {"block_size": 64, "weights": {}}}))
+    with pytest.raises(Exception, match="set-param"):  # a source absent from params.yaml needs `+` (a new key)
+        apply_overrides(str(params), ["pack.weights.a=2.0"])
+    apply_overrides(str(params), ["+pack.weights.a=2.0", "+pack.weights.b=3e-5"])  # b is written as '3e-05'
+    apply_overrides(str(params), ["pack.weights.a=0.5"])  # an existing key: no `+`
+    cfg = from_dict(PackConfig, yaml.safe_load(params.read_text())["pack"], "pack")
+    assert cfg.weights == {"a": 0.5, "b": 3e-5}
+    for bad in ("fast", float("nan"), -1, True):
+        with pytest.raises(ValueError, match="pack.weights.a must be a number"):
+            PackConfig(weights={"a": bad})
+
+
 @pytest.mark.parametrize("bad,match", [({"lrr": 1.0}, "unknown keys"), ({"lr": "fast"}, "expected float"),
                                        ({"batch_size": 1.5}, "expected int"), ({"lr": -1.0}, "lr > 0")])
 def test_bad_params_fail_clearly(bad, match):
