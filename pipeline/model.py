@@ -98,9 +98,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):  # cache: pipeline.generate.KVCache
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cache is not None:  # generation: q, k, v in one product, with the weights the cache fused
+            sizes = [self.q.out_features, self.k.out_features, self.v.out_features]
+            q, k, v = F.linear(x, cache.qkv[layer]).split(sizes, -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: the cache stores k, v and attends (pipeline/generate.py)
             return self.o(cache.attend(layer, q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
@@ -124,7 +129,10 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, gate_up=None):
+        if gate_up is not None:  # generation: gate and up weights fused into one product (pipeline/generate.py)
+            gate, up = F.linear(x, gate_up).chunk(2, -1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -138,7 +146,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), None if cache is None else cache.gate_up[layer])
 
 
 def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
