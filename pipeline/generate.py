@@ -2,6 +2,7 @@
 sampled (temperature, top-k, top-p), each row stopping on its own at the stop id. One code path for
 evaluation, the samples logged during training, chat and the benchmark."""
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -129,13 +130,25 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, P: int
     return torch.cat(logits)
 
 
+def compiled_hidden(model: Transformer):
+    """model.hidden compiled once per model with dynamic shapes, so one graph serves every cache length and
+    batch size (torch specializes a batch of 1: that is a second graph). Compiling takes a minute or more on
+    a CPU; it fuses the small elementwise work of a step (norms, RoPE, SwiGLU), which is most of a batch-1
+    step, and little of a large batch, which is mostly matrix products."""
+    if not hasattr(model, "compiled_hidden"):  # set to None by generate where compiling failed
+        model.compiled_hidden = torch.compile(model.hidden, dynamic=True)
+    return model.compiled_hidden
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
-             sampling: Sampling = GREEDY) -> list[list[int]]:
+             sampling: Sampling = GREEDY, compile: bool = False) -> list[list[int]]:
     """New tokens per prompt, ending with `stop_id` when the row stopped within max_new_tokens.
     Prompts are left-padded: row i of the batch has its tokens in the last len(prompt_i) slots, positions
     counting from 0 at its first real token, and attention never reads a pad slot. Rows that stopped are
-    dropped from the batch as more of them finish, so a few long answers do not carry the whole batch."""
+    dropped from the batch as more of them finish, so a few long answers do not carry the whole batch.
+    compile: decoding steps run through torch.compile (opt-in: it pays only over many steps, see
+    compiled_hidden); where compiling fails, decoding goes on eagerly with a warning."""
     assert prompts and min(map(len, prompts)) > 0, "generate: every prompt needs at least one token"
     model.eval()
     device = next(model.parameters()).device
@@ -151,6 +164,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = [False] * B  # per row of the batch: wrote stop_id (a finished row decodes on until it is dropped)
     out = [None] * B  # the answer of each prompt, by original index
     pos = torch.tensor([[len(prompts[i])] for i in order], device=device)  # (b, 1) position of the next token
+    step_fn = compiled_hidden(model) if compile else None
     for step in range(max_new_tokens):
         tok = pick(logits, sampling, gen)  # (b,)
         new[:, step] = tok
@@ -170,7 +184,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 rows, done = [rows[r] for r in keep], [False] * len(keep)
         if step == max_new_tokens - 1:
             break
-        h = model.hidden(tok[:, None], pos, None, cache)[:, -1]
+        h = None
+        if step_fn is not None:
+            try:
+                h = step_fn(tok[:, None], pos, None, cache)[:, -1]
+            except Exception as err:  # no C++ compiler, an unsupported torch: eager from now on, for this model
+                warnings.warn(f"generate: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly")
+                model.compiled_hidden = step_fn = None
+        if h is None:  # eager (a failed compiled step's cache writes are redone with the same values)
+            h = model.hidden(tok[:, None], pos, None, cache)[:, -1]
         logits = model.lm_head(h).float()  # (b, V)
         cache.length += 1
         pos = pos + 1
