@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import ModelConfig, Transformer
+from pipeline.model import Transformer, rope_cos_sin
 
 
 @dataclasses.dataclass
@@ -29,8 +29,9 @@ class KVCache:
     """Preallocated keys and values per layer, filled up to `length` slots: keys transposed, (B, n_kv_head,
     head_dim, max_len), values (B, n_kv_head, max_len, head_dim), so that both decoding products read rows
     that are contiguous in memory. `bias` (B, n_kv_head, 1, max_len) is 0 on real slots and -inf on pad slots.
-    Also holds the model's q/k/v and gate/up weights fused for this generation (one product instead of three
-    and two); they are rebuilt with every cache, so training between two generations is always seen.
+    Also holds what a step would otherwise recompute: the RoPE cos/sin of every slot (max_len, head_dim) and the
+    model's q/k/v and gate/up weights fused for this generation (one product instead of three and two); they
+    are rebuilt with every cache, so training between two generations is always seen.
     The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops rows."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int):
@@ -39,6 +40,8 @@ class KVCache:
         self.k = [torch.zeros(batch, cfg.n_kv_head, cfg.head_dim, max_len, **kw) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(batch, cfg.n_kv_head, max_len, cfg.head_dim, **kw) for _ in range(cfg.n_layer)]
         self.bias = torch.zeros(batch, cfg.n_kv_head, 1, max_len, **kw)
+        slots = torch.arange(max_len, device=param.device)[None]
+        self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(slots, cfg.head_dim, cfg.rope_theta, param.dtype))
         self.length = 0
         with torch.no_grad():
             self.qkv = [torch.cat([b.attn.q.weight, b.attn.k.weight, b.attn.v.weight]) for b in model.blocks]
@@ -72,7 +75,7 @@ class KVCache:
         view.k = [k[first:last, ..., start:] for k in self.k]
         view.v = [v[first:last, :, start:] for v in self.v]
         view.bias = self.bias[first:last, ..., start:]
-        view.qkv, view.gate_up, view.length = self.qkv, self.gate_up, 0
+        view.qkv, view.gate_up, view.cos, view.sin, view.length = self.qkv, self.gate_up, self.cos, self.sin, 0
         return view
 
     def keep(self, rows: torch.Tensor) -> None:

@@ -98,17 +98,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):  # cache: pipeline.generate.KVCache
         B, T, _ = x.shape
         cfg = self.cfg
-        if cache is not None:  # generation: q, k, v in one product, with the weights the cache fused
-            sizes = [self.q.out_features, self.k.out_features, self.v.out_features]
-            q, k, v = F.linear(x, cache.qkv[layer]).split(sizes, -1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cache is not None:  # generation (pipeline/generate.py): fewer, larger operations per step
+            H = cfg.n_head + cfg.n_kv_head
+            # q, k, v in one product with the weights the cache fused; q and k rotated in one go (elementwise)
+            qkv = F.linear(x, cache.qkv[layer]).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, H+2Hkv, T, D)
+            qk = apply_rope(qkv[:, :H], cos, sin)
+            y = cache.attend(layer, qk[:, : cfg.n_head], qk[:, cfg.n_head :], qkv[:, H:], mask)  # stores k, v
+            return self.o(y.transpose(1, 2).reshape(B, T, -1))
+        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding: the cache stores k, v and attends (pipeline/generate.py)
-            return self.o(cache.attend(layer, q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         if BlockMask is not None and isinstance(mask, BlockMask):  # CUDA training: GQA handled inside the kernel
             return self.o(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         rep = cfg.n_head // cfg.n_kv_head
@@ -228,7 +228,10 @@ class Transformer(nn.Module):
 
     def hidden(self, ids, pos, mask, cache=None):
         x = self.embed(ids)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if cache is None:
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        else:  # generation: rows of the table the cache computed once (the same elementwise formula)
+            cos, sin = cache.cos[pos][:, None], cache.sin[pos][:, None]
         for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
