@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--lines", action="store_true", help="piped stdin: each non-empty line is a user turn")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoding step: a minute or more "
-                    "before the first answer, then about 2-3x faster tokens on a CPU (BENCHMARKS.md)")
+                    "before the first answer, then faster tokens at batch 1 on a CPU (BENCHMARKS.md)")
     return ap.parse_args(argv)
 
 
