@@ -133,14 +133,24 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, P: int
     return torch.cat(logits)
 
 
-def compiled_hidden(model: Transformer):
-    """model.hidden compiled once per model with dynamic shapes, so one graph serves every cache length and
-    batch size (torch specializes a batch of 1: that is a second graph). Compiling takes a minute or more on
-    a CPU; it fuses the small elementwise work of a step (norms, RoPE, SwiGLU), which is most of a batch-1
-    step, and little of a large batch, which is mostly matrix products."""
-    if not hasattr(model, "compiled_hidden"):  # set to None by generate where compiling failed
-        model.compiled_hidden = torch.compile(model.hidden, dynamic=True)
-    return model.compiled_hidden
+_compiled_hidden = None  # Transformer.hidden under torch.compile, built on first use; False where compiling failed
+
+
+def compiled_hidden():
+    """Transformer.hidden compiled once with dynamic shapes, so one graph serves every cache length and batch
+    size (torch specializes a batch of 1: that is a second graph; another model is a recompile). Compiling takes
+    a minute or more on a CPU; it fuses the small elementwise work of a step (norms, RoPE, SwiGLU), which is most
+    of a batch-1 step, and little of a large batch, which is mostly matrix products. None where it failed."""
+    global _compiled_hidden
+    if _compiled_hidden is None:
+        _compiled_hidden = torch.compile(Transformer.hidden, dynamic=True)
+    return _compiled_hidden or None
+
+
+def give_up_compiling(err: Exception) -> None:
+    global _compiled_hidden
+    warnings.warn(f"generate: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly")
+    _compiled_hidden = False
 
 
 @torch.no_grad()
@@ -167,7 +177,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = [False] * B  # per row of the batch: wrote stop_id (a finished row decodes on until it is dropped)
     out = [None] * B  # the answer of each prompt, by original index
     pos = torch.tensor([[len(prompts[i])] for i in order], device=device)  # (b, 1) position of the next token
-    step_fn = compiled_hidden(model) if compile else None
+    step_fn = compiled_hidden() if compile else None
     for step in range(max_new_tokens):
         tok = pick(logits, sampling, gen)  # (b,)
         new[:, step] = tok
@@ -190,10 +200,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         h = None
         if step_fn is not None:
             try:
-                h = step_fn(tok[:, None], pos, None, cache)[:, -1]
-            except Exception as err:  # no C++ compiler, an unsupported torch: eager from now on, for this model
-                warnings.warn(f"generate: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly")
-                model.compiled_hidden = step_fn = None
+                h = step_fn(model, tok[:, None], pos, None, cache)[:, -1]
+            except Exception as err:  # no C++ compiler, an unsupported torch: eager from now on
+                give_up_compiling(err)
+                step_fn = None
         if h is None:  # eager (a failed compiled step's cache writes are redone with the same values)
             h = model.hidden(tok[:, None], pos, None, cache)[:, -1]
         logits = model.lm_head(h).float()  # (b, V)

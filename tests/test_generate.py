@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+import pipeline.generate as generate_module
 from pipeline.generate import KVCache, Sampling, generate, pick
 from tests.conftest import tiny_model
 
@@ -96,15 +97,17 @@ def test_compile_failure_falls_back_to_eager(tok, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(generate_module, "_compiled_hidden", None)  # built afresh with the broken compile
     with pytest.warns(UserWarning, match="torch.compile failed"):
         assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not retried for this model: no second warning
+        warnings.simplefilter("error")  # not retried: no second warning
         assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
 
 
 @pytest.mark.skipif(os.environ.get("TEST_COMPILE") != "1", reason="compiles for a minute or more; TEST_COMPILE=1")
-def test_compiled_decoding_equals_eager(tok):
+def test_compiled_decoding_equals_eager(tok, monkeypatch):
+    monkeypatch.setattr(generate_module, "_compiled_hidden", None)  # whatever an earlier test left
     model = tiny_model(tok.get_vocab_size(), seed=1, init_std=0.5).eval()
     for prompts in (PROMPTS, PROMPTS[:1]):  # a batch, and a batch of one (its own graph)
         assert generate(model, prompts, 12, STOP, compile=True) == generate(model, prompts, 12, STOP)
