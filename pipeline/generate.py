@@ -63,7 +63,7 @@ class KVCache:
             # a bool mask (True: attend) is accepted whatever dtype autocast gives q, k, v
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask == 0)
         # (B * Hkv) products of (rep, D) x (D, S): heads g*rep .. g*rep+rep-1 share key/value head g; scale and
-        # pad bias are applied inside the first product (baddbmm), softmax in place
+        # pad bias are applied inside the first product (baddbmm)
         scores = torch.baddbmm(self.bias[..., :S].flatten(0, 1), q.reshape(B * n_kv, rep, D),
                                keys_t.flatten(0, 1), alpha=D**-0.5)  # (B * Hkv, rep, S)
         y = torch.bmm(scores.softmax(-1), values.flatten(0, 1))  # (B * Hkv, rep, D)
