@@ -16,12 +16,12 @@ class Chat:
     """A conversation with one model: `ask(text)` appends the user turn and the model's answer."""
 
     def __init__(self, model_dir: str, sampling: Sampling, max_new_tokens: int, device: str = "auto",
-                 system: str = "", history: list[dict] | None = None):
+                 system: str = "", history: list[dict] | None = None, compile: bool = False):
         self.compute = setup_compute(device, "float32")
         self.model = load_model(model_dir, self.compute.device).eval()
         self.tok = load_tokenizer(model_dir)
         self.end = layout(self.tok).end
-        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.sampling, self.max_new_tokens, self.compile = sampling, max_new_tokens, compile
         self.start = ([{"role": "system", "content": system}] if system else []) + list(history or [])
         self.messages = list(self.start)
         self.turns = 0
@@ -48,7 +48,7 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         sampling = Sampling(self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                             self.sampling.seed + self.turns)  # a fresh draw each turn, reproducible per seed
-        out = generate(self.model, [self.prompt_ids()], self.max_new_tokens, self.end, sampling)[0]
+        out = generate(self.model, [self.prompt_ids()], self.max_new_tokens, self.end, sampling, self.compile)[0]
         stopped = bool(out) and out[-1] == self.end
         answer = self.tok.decode(out[:-1] if stopped else out).strip()
         self.messages.append({"role": "assistant", "content": answer or "..."})  # content must not be empty
@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--lines", action="store_true", help="piped stdin: each non-empty line is a user turn")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoding step: a minute or more "
+                    "before the first answer, then faster tokens at batch 1 on a CPU (BENCHMARKS.md)")
     return ap.parse_args(argv)
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    chat = Chat(args.model_dir, sampling, args.max_new_tokens, args.device, args.system, history)
+    chat = Chat(args.model_dir, sampling, args.max_new_tokens, args.device, args.system, history, args.compile)
     if sys.stdin.isatty():
         interactive(chat)
         return

@@ -2,11 +2,12 @@
 sampled (temperature, top-k, top-p), each row stopping on its own at the stop id. One code path for
 evaluation, the samples logged during training, chat and the benchmark."""
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import ModelConfig, Transformer
+from pipeline.model import Transformer, rope_cos_sin
 
 
 @dataclasses.dataclass
@@ -25,50 +26,67 @@ GREEDY = Sampling()
 
 
 class KVCache:
-    """Preallocated keys/values per layer, (B, n_kv_head, max_len, head_dim); `length` slots are filled.
-    The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops finished rows."""
+    """Preallocated keys and values per layer, filled up to `length` slots: keys transposed, (B, n_kv_head,
+    head_dim, max_len), values (B, n_kv_head, max_len, head_dim), so that both decoding products read rows
+    that are contiguous in memory. `bias` (B, n_kv_head, 1, max_len) is 0 on real slots and -inf on pad slots.
+    Also holds what a step would otherwise recompute: the RoPE cos/sin of every slot (max_len, head_dim) and the
+    model's q/k/v and gate/up weights fused for this generation (one product instead of three and two); they
+    are rebuilt with every cache, so training between two generations is always seen.
+    The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops rows."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+    def __init__(self, model: Transformer, batch: int, max_len: int):
+        cfg, param = model.cfg, next(model.parameters())
+        kw = {"device": param.device, "dtype": param.dtype}
+        self.k = [torch.zeros(batch, cfg.n_kv_head, cfg.head_dim, max_len, **kw) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(batch, cfg.n_kv_head, max_len, cfg.head_dim, **kw) for _ in range(cfg.n_layer)]
+        self.bias = torch.zeros(batch, cfg.n_kv_head, 1, max_len, **kw)
+        slots = torch.arange(max_len, device=param.device)[None]
+        self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(slots, cfg.head_dim, cfg.rope_theta, param.dtype))
         self.length = 0
+        with torch.no_grad():
+            self.qkv = [torch.cat([b.attn.q.weight, b.attn.k.weight, b.attn.v.weight]) for b in model.blocks]
+            self.gate_up = [torch.cat([b.mlp.gate.weight, b.mlp.up.weight]) for b in model.blocks]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
         """Store k, v (B, Hkv, T, D) at slots [length, length + T) and attend from q (B, H, T, D) over every
-        filled slot; mask (B, 1, T, S) is additive (0 or -inf). Query head h reads key/value head h // rep (as
-        HF's repeat_kv) by viewing the rep query heads of a group as extra rows: the cache is never copied."""
+        filled slot. A prompt (T > 1) is masked by `mask` (B, 1, T, S), additive (0 or -inf); a decoding step
+        (T = 1) by `bias`. Query head h reads key/value head h // rep (as HF's repeat_kv): in decoding, the rep
+        query heads of a group are read as extra rows of one product, so the cache is never copied."""
         B, H, T, D = q.shape
-        start, n_kv = self.length, self.k[layer].shape[1]
-        self.k[layer][:, :, start : start + T] = k
+        start, n_kv = self.length, self.v[layer].shape[1]
+        self.k[layer][..., start : start + T] = k.transpose(-1, -2)
         self.v[layer][:, :, start : start + T] = v
-        keys, values = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # (B, Hkv, S, D)
-        rep = H // n_kv
+        S, rep = start + T, H // n_kv
+        keys_t, values = self.k[layer][..., :S], self.v[layer][:, :, :S]  # (B, Hkv, D, S), (B, Hkv, S, D)
         if T > 1:  # a prompt: fused attention over the (few) repeated key/value heads
-            keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+            keys, values = keys_t.transpose(-1, -2).repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
             # a bool mask (True: attend) is accepted whatever dtype autocast gives q, k, v
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask == 0)
-        q = q.reshape(B, n_kv, rep, D)  # heads g*rep .. g*rep+rep-1 share key/value head g
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * D**-0.5 + mask  # (B, Hkv, rep, S)
-        y = torch.matmul(scores.softmax(-1), values)  # (B, Hkv, rep, D)
+        # (B * Hkv) products of (rep, D) x (D, S): heads g*rep .. g*rep+rep-1 share key/value head g; scale and
+        # pad bias are applied inside the first product (baddbmm)
+        scores = torch.baddbmm(self.bias[..., :S].flatten(0, 1), q.reshape(B * n_kv, rep, D),
+                               keys_t.flatten(0, 1), alpha=D**-0.5)  # (B * Hkv, rep, S)
+        y = torch.bmm(scores.softmax(-1), values.flatten(0, 1))  # (B * Hkv, rep, D)
         return y.view(B, H, T, D)
 
     def window(self, first: int, last: int, start: int) -> "KVCache":
         """A view of rows [first, last) from slot `start` on, empty: writes through it fill this cache."""
         view = KVCache.__new__(KVCache)
-        view.k = [k[first:last, :, start:] for k in self.k]
+        view.k = [k[first:last, ..., start:] for k in self.k]
         view.v = [v[first:last, :, start:] for v in self.v]
-        view.length = 0
+        view.bias = self.bias[first:last, ..., start:]
+        view.qkv, view.gate_up, view.cos, view.sin, view.length = self.qkv, self.gate_up, self.cos, self.sin, 0
         return view
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices) of the batch, up to the filled length."""
+        """Keep only `rows` (indices) of the batch."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
+        self.bias = self.bias.index_select(0, rows)
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool mask -> 0 where attention is allowed, -inf elsewhere (built once per step, shared by all layers)."""
+    """bool mask -> 0 where attention is allowed, -inf elsewhere (built once per prompt chunk, shared by all layers)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
@@ -93,7 +111,7 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, P: int
     """Run the prompts (sorted by length) through the model into the cache, each right-aligned at slot P, and
     return the next-token logits (B, V). Rows go in chunks of similar length, so a short prompt is not padded
     to the longest one of the batch: little compute is spent on pad slots."""
-    device = cache.k[0].device
+    device, dtype = cache.v[0].device, cache.v[0].dtype
     logits, start = [], 0
     while start < len(prompts):
         end = start + 1
@@ -108,55 +126,90 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, P: int
         # a pad query attends to itself only, so no softmax row is empty; its output is never read
         allowed = (causal & real[:, None]) | torch.eye(width, dtype=torch.bool, device=device)  # (n, W, W)
         window = cache.window(start, end, P - width)
-        h = model.hidden(ids, pos, additive(allowed, cache.k[0].dtype)[:, None], window)[:, -1]
+        h = model.hidden(ids, pos, additive(allowed, dtype)[:, None], window)[:, -1]
         logits.append(model.lm_head(h).float())
         start = end
     cache.length = P
     return torch.cat(logits)
 
 
+_compiled_hidden = None  # Transformer.hidden under torch.compile, built on first use; False where compiling failed
+
+
+def compiled_hidden():
+    """Transformer.hidden compiled once with dynamic shapes, so one graph serves every cache length and batch
+    size (torch specializes a batch of 1: that is a second graph; another model is a recompile). Compiling takes
+    a minute or more on a CPU; it fuses the small elementwise work of a step (norms, RoPE, SwiGLU), which is most
+    of a batch-1 step, and little of a large batch, which is mostly matrix products. None where it failed."""
+    global _compiled_hidden
+    if _compiled_hidden is None:
+        _compiled_hidden = torch.compile(Transformer.hidden, dynamic=True)
+    return _compiled_hidden or None
+
+
+def give_up_compiling(err: Exception) -> None:
+    global _compiled_hidden
+    warnings.warn(f"generate: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly")
+    _compiled_hidden = False
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
-             sampling: Sampling = GREEDY) -> list[list[int]]:
+             sampling: Sampling = GREEDY, compile: bool = False) -> list[list[int]]:
     """New tokens per prompt, ending with `stop_id` when the row stopped within max_new_tokens.
     Prompts are left-padded: row i of the batch has its tokens in the last len(prompt_i) slots, positions
     counting from 0 at its first real token, and attention never reads a pad slot. Rows that stopped are
-    dropped from the batch as more of them finish, so a few long answers do not carry the whole batch."""
+    dropped from the batch as more of them finish, so a few long answers do not carry the whole batch.
+    compile: decoding steps run through torch.compile (opt-in: it pays only over many steps, see
+    compiled_hidden); where compiling fails, decoding goes on eagerly with a warning."""
     assert prompts and min(map(len, prompts)) > 0, "generate: every prompt needs at least one token"
     model.eval()
-    param = next(model.parameters())
-    device = param.device
+    device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
-    total = P + max_new_tokens
     order = sorted(range(B), key=lambda i: len(prompts[i]))  # similar lengths side by side for the prefill
-    valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
-    for row, i in enumerate(order):
-        valid[row, P - len(prompts[i]):P] = True
-    cache = KVCache(model.cfg, B, total, device, param.dtype)
+    cache = KVCache(model, B, P + max_new_tokens)
+    for row, i in enumerate(order):  # decoding never reads a pad slot
+        cache.bias[row, ..., : P - len(prompts[i])] = float("-inf")
     logits = prefill(model, [prompts[i] for i in order], cache, P)
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
-    new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # generated tokens, by original row
-    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # tokens each row produced
-    rows = torch.tensor(order, device=device)  # original index of each row in the batch
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = torch.tensor([len(prompts[i]) for i in order], device=device)
+    new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # tokens of each row of the batch
+    rows = order  # original index of each row of the batch
+    done = [False] * B  # per row of the batch: wrote stop_id (a finished row decodes on until it is dropped)
+    out = [None] * B  # the answer of each prompt, by original index
+    pos = torch.tensor([[len(prompts[i])] for i in order], device=device)  # (b, 1) position of the next token
+    step_fn = compiled_hidden() if compile else None
     for step in range(max_new_tokens):
-        tok = pick(logits, sampling, gen)
-        new[rows[~done], step] = tok[~done]  # a finished row still decodes until it is dropped; not recorded
-        stopped = (tok == stop_id) & ~done
-        n_new[rows[stopped]] = step + 1
-        done |= stopped
-        n_live = len(rows) - int(done.sum())
-        if n_live == 0 or step == max_new_tokens - 1:
+        tok = pick(logits, sampling, gen)  # (b,)
+        new[:, step] = tok
+        hit = tok == stop_id
+        if hit.any():  # the step's one read of a result on the host; the rest runs only when a row stops
+            for r in hit.nonzero()[:, 0].tolist():
+                if not done[r]:
+                    done[r], out[rows[r]] = True, new[r, : step + 1].tolist()
+            n_live = done.count(False)
+            if n_live == 0:
+                break
+            if n_live <= 0.75 * len(rows):  # drop finished rows once a quarter of the batch has stopped
+                keep = [r for r in range(len(rows)) if not done[r]]
+                index = torch.tensor(keep, device=device)
+                cache.keep(index)
+                new, tok, pos = new[index], tok[index], pos[index]
+                rows, done = [rows[r] for r in keep], [False] * len(keep)
+        if step == max_new_tokens - 1:
             break
-        if n_live <= 0.75 * len(rows):  # drop finished rows once a quarter of the batch has stopped
-            keep = (~done).nonzero()[:, 0]
-            cache.keep(keep)
-            rows, tok, next_pos, valid, done = rows[keep], tok[keep], next_pos[keep], valid[keep], done[keep]
-        valid[:, cache.length] = True
-        mask = additive(valid[:, None, None, : cache.length + 1], param.dtype)  # (b, 1, 1, S): every real slot
-        h = model.hidden(tok[:, None], next_pos[:, None], mask, cache)[:, -1]
+        h = None
+        if step_fn is not None:
+            try:
+                h = step_fn(model, tok[:, None], pos, None, cache)[:, -1]
+            except Exception as err:  # no C++ compiler, an unsupported torch: eager from now on
+                give_up_compiling(err)
+                step_fn = None
+        if h is None:  # eager (a failed compiled step's cache writes are redone with the same values)
+            h = model.hidden(tok[:, None], pos, None, cache)[:, -1]
         logits = model.lm_head(h).float()  # (b, V)
         cache.length += 1
-        next_pos = next_pos + 1
-    return [row[:n] for row, n in zip(new.tolist(), n_new.tolist())]
+        pos = pos + 1
+    for r, i in enumerate(rows):  # rows that did not stop: the whole budget
+        if not done[r]:
+            out[i] = new[r].tolist()
+    return out

@@ -98,12 +98,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):  # cache: pipeline.generate.KVCache
         B, T, _ = x.shape
         cfg = self.cfg
+        if cache is not None:  # generation (pipeline/generate.py): fewer, larger operations per step
+            H = cfg.n_head + cfg.n_kv_head
+            # q, k, v in one product with the weights the cache fused; q and k rotated in one go (elementwise)
+            qkv = F.linear(x, cache.qkv[layer]).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, H+2Hkv, T, D)
+            qk = apply_rope(qkv[:, :H], cos, sin)
+            y = cache.attend(layer, qk[:, : cfg.n_head], qk[:, cfg.n_head :], qkv[:, H:], mask)  # stores k, v
+            return self.o(y.transpose(1, 2).reshape(B, T, -1))
         q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding: the cache stores k, v and attends (pipeline/generate.py)
-            return self.o(cache.attend(layer, q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         if BlockMask is not None and isinstance(mask, BlockMask):  # CUDA training: GQA handled inside the kernel
             return self.o(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         rep = cfg.n_head // cfg.n_kv_head
@@ -124,7 +129,10 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, gate_up=None):
+        if gate_up is not None:  # generation: gate and up weights fused into one product (pipeline/generate.py)
+            gate, up = F.linear(x, gate_up).chunk(2, -1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -138,7 +146,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), None if cache is None else cache.gate_up[layer])
 
 
 def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
@@ -220,7 +228,10 @@ class Transformer(nn.Module):
 
     def hidden(self, ids, pos, mask, cache=None):
         x = self.embed(ids)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if cache is None:
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        else:  # generation: rows of the table the cache computed once (the same elementwise formula)
+            cos, sin = cache.cos[pos][:, None], cache.sin[pos][:, None]
         for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)

@@ -1,6 +1,10 @@
+import os
+import warnings
+
 import pytest
 import torch
 
+import pipeline.generate as generate_module
 from pipeline.generate import KVCache, Sampling, generate, pick
 from tests.conftest import tiny_model
 
@@ -80,3 +84,30 @@ def test_bad_sampling_params():
         Sampling(top_p=0.0)
     with pytest.raises(ValueError):
         Sampling(temperature=-1.0)
+
+
+def test_compile_failure_falls_back_to_eager(tok, monkeypatch):
+    """Where torch.compile cannot build (no C++ compiler, old torch), generate warns and decodes eagerly."""
+    model = tiny_model(tok.get_vocab_size()).eval()
+    eager = generate(model, PROMPTS, 12, STOP)
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(generate_module, "_compiled_hidden", None)  # built afresh with the broken compile
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not retried: no second warning
+        assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
+
+
+@pytest.mark.skipif(os.environ.get("TEST_COMPILE") != "1", reason="compiles for a minute or more; TEST_COMPILE=1")
+def test_compiled_decoding_equals_eager(tok, monkeypatch):
+    monkeypatch.setattr(generate_module, "_compiled_hidden", None)  # whatever an earlier test left
+    model = tiny_model(tok.get_vocab_size(), seed=1, init_std=0.5).eval()
+    for prompts in (PROMPTS, PROMPTS[:1]):  # a batch, and a batch of one (its own graph)
+        assert generate(model, prompts, 12, STOP, compile=True) == generate(model, prompts, 12, STOP)
