@@ -17,7 +17,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the project root
 
-from pipeline.chat import END, PAD, load_tokenizer, read_conversations, render_prompt  # noqa: E402
+from pipeline.chat import layout, load_tokenizer, read_conversations, render_prompt  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 
@@ -71,7 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tok = load_tokenizer(args.model)
-    end, pad = tok.token_to_id(END), tok.token_to_id(PAD)
+    end, pad = layout(tok).end, layout(tok).pad  # the chat format's end of turn and padding
     conversations = read_conversations(args.heldout, on_error="fail")[0][: args.n]
     prompts = [render_prompt(c[:-1], tok) for c in conversations]
     # the same batches for both: sorted by length, as the evaluate stage does
