@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,3 +331,25 @@ def test_chatml_header_travels_with_the_rendered_file_to_truncation(chatml_tok, 
     assert fit(ids[1], at + len(header) + 1, "truncate", header=header) == at + len(header) + 1
     assert fit(ids[1], at + len(header), "truncate", header=header) == 0
     assert fit(ids[1], at + len(header) + 1, "truncate") == 0  # the markers' header (id 2 = <|im_end|>) differs
+
+
+def test_tokenizer_stage_takes_an_imported_models_format_and_refuses_another(chatml_tok, tmp_path, monkeypatch):
+    """The tokenizer stage with base.init_from = a ChatML model folder: `auto` takes ChatML, `markers` is refused."""
+    import yaml
+
+    from pipeline.chat import FORMATS, chat_format, load_tokenizer
+    from pipeline.model import save_model
+    from stages import tokenizer as stage
+    from tests.conftest import tiny_model
+
+    save_model(tiny_model(chatml_tok.get_vocab_size()), chatml_tok, str(tmp_path / "chatml_model"))
+    monkeypatch.chdir(tmp_path)
+    params = {"base": {"init_from": str(tmp_path / "chatml_model")}, "tokenizer": {"chat_format": "auto"}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    stage.main("unused_corpus.jsonl", "tok_auto")
+    assert chat_format(load_tokenizer("tok_auto")) is FORMATS["chatml"]
+    params["tokenizer"]["chat_format"] = "markers"
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="tokenizer.chat_format=markers, but the tokenizer of base.init_from=.* "
+                                         "speaks chatml"):
+        stage.main("unused_corpus.jsonl", "tok_markers")
