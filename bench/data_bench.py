@@ -45,7 +45,7 @@ def generate(n: int, path: Path, seed: int = 0) -> None:
 
 
 def phase_tokenizer(data: Path) -> dict:
-    from pipeline.chat import save_tokenizer, train_tokenizer
+    from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
     with open(data) as f:
         texts = [m["content"] for _, line in zip(range(20000), f) for m in json.loads(line)["messages"]]
@@ -71,21 +71,25 @@ def phase_encode_batch(data: Path, batch: int) -> dict:
 
 
 def phase_render(data: Path, batch: int) -> dict:
-    from pipeline.chat import RenderConfig, load_tokenizer, render_split
+    from pipeline.config import RenderConfig
+    from pipeline.render import render_split
+    from pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(WORK / "tok"))
     t0 = time.perf_counter()
-    report = render_split(str(data), tok, RenderConfig(batch_size=batch), str(WORK / "rendered.parquet"))
+    cfg = RenderConfig(on_error="fail", train_on="all_assistant", batch_size=batch)
+    report = render_split(str(data), tok, cfg, str(WORK / "rendered.parquet"))
     return {"seconds": time.perf_counter() - t0, "rows": report["rows_kept"], "tokens": report["tokens"],
             "trained_fraction": report["trained_fraction"],
             "assistant_end_trained_fraction": report["assistant_end_trained_fraction"]}
 
 
 def phase_pack(block: int) -> dict:
-    from pipeline.pack import PackConfig, pack_rendered, read_index, weighted_order
+    from pipeline.config import PackConfig
+    from pipeline.pack import pack_rendered, read_index, weighted_order
 
     t0 = time.perf_counter()
-    cfg, path = PackConfig(block_size=block), str(WORK / "rendered.parquet")
+    cfg, path = PackConfig(block_size=block, overlong="drop", seed=0, weights={}), str(WORK / "rendered.parquet")
     index = read_index(path, cfg)
     order = weighted_order(index.sources, {}, 0)
     report = pack_rendered(path, index, order, cfg, str(WORK / "packed"))

@@ -17,9 +17,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the project root
 
-from pipeline.chat import layout, load_tokenizer, read_conversations, render_prompt  # noqa: E402
+from pipeline.data import read_conversations  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
-from pipeline.model import load_model  # noqa: E402
+from pipeline.hf import load_model  # noqa: E402
+from pipeline.template import layout, render_prompt  # noqa: E402
+from pipeline.tokenizer import load_tokenizer  # noqa: E402
 
 
 def cut(row: list[int], end: int) -> list[int]:
@@ -72,7 +74,7 @@ def main() -> None:
     device = torch.device(args.device)
     tok = load_tokenizer(args.model)
     end, pad = layout(tok).end, layout(tok).pad  # the chat format's end of turn and padding
-    conversations = read_conversations(args.heldout, on_error="fail")[0][: args.n]
+    conversations = read_conversations(args.heldout)[: args.n]
     prompts = [render_prompt(c[:-1], tok) for c in conversations]
     # the same batches for both: sorted by length, as the evaluate stage does
     prompts.sort(key=len)

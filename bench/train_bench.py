@@ -11,6 +11,7 @@ tokens/s (non-padding tokens of the step over its wall time, after warmup), mode
 matmul peak of this device) and peak memory (CUDA: max allocated; CPU: peak RSS of the child). The matmul peak is
 measured in the same run: fp32 square matmuls on the CPU, bf16 on CUDA."""
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -78,17 +79,21 @@ def peak_memory(device: str) -> float:
 
 def run_ours(name: str) -> dict:
     from pipeline.common import setup_compute
-    from pipeline.model import ModelConfig, Transformer
-    from pipeline.pack import PackConfig, pack
-    from pipeline.train import TrainConfig, accumulate_gradients, configure, make_optimizer, micro_batches
+    from pipeline.config import ModelConfig, PackConfig, TrainConfig, load_params
+    from pipeline.model import Transformer
+    from pipeline.pack import pack
+    from pipeline.train import accumulate_gradients, configure, make_optimizer, micro_batches
 
     m, block, batch, device = CONFIGS[name]
     ids, masks = conversations(4000, m["vocab_size"], block)
     arrays, _ = pack(ids, [np.where(k == 1, x, -100).astype(np.int32) for x, k in zip(ids, masks)],
-                     PackConfig(block_size=block))
+                     PackConfig(block_size=block, overlong="drop", seed=0, weights={}))
     compute = setup_compute(device, "auto")
-    cfg = TrainConfig(batch_size=batch, lr=1e-4, device=device)
-    model = Transformer(ModelConfig(max_seq_len=block, **m))
+    # the project's SFT settings (params.yaml), with the benchmark's batch, lr and device
+    cfg = dataclasses.replace(load_params("train", TrainConfig), batch_size=batch, grad_accum=1, lr=1e-4,
+                              device=device)
+    model = Transformer(ModelConfig(**m, max_seq_len=block, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
+                                    init_std=0.02))
     model.init_weights(0)
     model.to(compute.device)
     configure(model, cfg, compute)

@@ -1,70 +1,66 @@
-"""Shared helpers: params.yaml -> dataclasses, atomic outputs, compute setup, rank-0 printing."""
+"""What every layer shares: the ignore index, the user-error class and the one handler every stage runs under,
+atomic writes, rank-0 checks and printing, the Hub offline flag, and the compute setup (device, precision).
+Cheap to import: torch is imported only by `setup_compute`."""
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
-import typing
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import yaml
-
-PARAMS_FILE = "params.yaml"
+IGNORE_INDEX = -100  # the label of a position that is not trained (PyTorch's cross-entropy default)
 
 
-def _coerce(value, kind, where: str):
-    """Type-check one scalar; DVC writes `-S train.lr=3e-5` as '3e-05', which YAML reads as a string."""
-    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif kind is int and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return int(value)
-    elif kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if kind in (int, float, str, bool) and (type(value) is not kind):
-        if not (kind is float and type(value) is int):
-            raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def from_dict(cls, section: dict, where: str):
-    """Build dataclass `cls` from a dict: unknown or missing keys fail, scalars are type-checked."""
-    if not isinstance(section, dict):
-        raise ValueError(f"{where}: expected a mapping, got {section!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in section.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = from_dict(kind, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _coerce(value, kind, f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def load_params(section: str, cls, path: str = PARAMS_FILE):
-    """Load one section of params.yaml into its dataclass."""
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
-    if section not in params:
-        raise ValueError(f"{path}: missing section '{section}'")
-    return from_dict(cls, params[section], f"{path}:{section}")
+class UserError(ValueError):
+    """A problem the user can fix (bad data, a bad or missing param, a missing input, a refused model or
+    checkpoint, an offline Hub). The message says what, where, and what to do; stages print it as one line."""
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str):
+def one_line_errors(name: str):
+    """A UserError inside ends the program with `<name>: <message>` on stderr and exit status 1, no traceback;
+    anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def run_stage(name: str, main: Callable[..., None]) -> None:
+    """How every stage script runs: main(*command-line arguments) under one_line_errors(name)."""
+    with one_line_errors(name):
+        main(*sys.argv[1:])
+
+
+def require_inputs(*paths: str) -> None:
+    """Every input of a stage exists; else one line naming each missing one."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UserError(f"missing input {', '.join(missing)}; run the stages before this one (`dvc repro`) or fix "
+                        "the path in params.yaml")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temp path next to `path`; on success it replaces `path` (a crash never leaves half a file)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
     """Yield a sibling temp dir; on success it replaces `out` whole, on failure it is removed."""
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,16 +78,13 @@ def atomic_dir(out: str):
             shutil.rmtree(tmp)
 
 
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, p)
+def write_json(path: str | Path, obj) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def is_rank0() -> bool:
+    """True in a single process and on rank 0 of a torchrun job (RANK set by torchrun)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -100,30 +93,39 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value: nothing may be downloaded or uploaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 @dataclasses.dataclass
 class Compute:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: plain fp32
+    device: "torch.device"  # noqa: F821
+    autocast_dtype: "torch.dtype | None"  # noqa: F821  (None: plain fp32)
 
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 def setup_compute(device: str = "auto", dtype: str = "auto") -> Compute:
     """Resolve device and precision once: bf16 autocast on CUDA, fp32 on CPU; fp16 is refused."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise UserError("device cuda was asked for, but torch sees no CUDA GPU; set device to auto or cpu, or "
+                        "install a CUDA build of torch")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    if dtype == "float16":
-        raise ValueError("float16 is not supported (needs loss scaling); use bfloat16 or float32")
     if dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, bfloat16 or float32")
+        raise UserError(f"dtype {dtype!r} is not supported; use auto, bfloat16 or float32 (float16 would need loss "
+                        "scaling)")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -5,13 +5,14 @@ import argparse
 
 import pyarrow.parquet as pq
 
-from pipeline.evaluate import RATES, paired
+from pipeline.common import UserError, one_line_errors
+from pipeline.metrics import RATES, paired
 
 
 def load_rows(path: str, model: str) -> list[dict]:
     rows = [r for r in pq.read_table(path).to_pylist() if r["model"] == model]
     if not rows:
-        raise SystemExit(f"{path}: no predictions of model {model!r}")
+        raise UserError(f"{path}: no predictions of model {model!r}; use --model base or sft")
     return sorted(rows, key=lambda r: r["example"])
 
 
@@ -19,7 +20,7 @@ def compare(a_path: str, b_path: str, model: str = "sft", n_boot: int = 1000, se
     """(paired B − A summary, [(A row, B row) whose contains_answer differs]) over the same examples."""
     a, b = load_rows(a_path, model), load_rows(b_path, model)
     if [(r["example"], r["prompt"], r["gold"]) for r in a] != [(r["example"], r["prompt"], r["gold"]) for r in b]:
-        raise SystemExit("the two files do not hold the same examples (prompt and gold per example); "
+        raise UserError("the two files do not hold the same examples (prompt and gold per example); "
                          "compare runs on the same held-out data")
     changed = [(ra, rb) for ra, rb in zip(a, b) if ra["contains_answer"] != rb["contains_answer"]]
     return paired(a, b, RATES, n_boot, seed), changed
@@ -43,4 +44,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("compare"):
+        main()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.common import UserError
+
 FORMATS = (".jsonl", ".json", ".parquet")
 ROLE_NAMES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -16,7 +18,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name"}
 
 
-class EmptyFile(ValueError):
+class EmptyFile(Exception):
     """A file with no rows at all."""
 
 
@@ -34,15 +36,15 @@ def source_files(path: str) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in FORMATS and not f.name.startswith("."))
         if not files:
-            raise ValueError(f"{path}: no {'/'.join(FORMATS)} files in this folder")
+            raise UserError(f"{path}: no {'/'.join(FORMATS)} files in this folder")
         stems = [f.stem for f in files]
         if len(set(stems)) != len(stems):
-            raise ValueError(f"{path}: two files share a name ({stems}); source names must be unique")
+            raise UserError(f"{path}: two files share a name ({stems}); source names must be unique")
         return files
     if not p.exists():
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file or folder; fix the path in params.yaml (data.*)")
     if p.suffix not in FORMATS:
-        raise ValueError(f"{path}: unsupported format {p.suffix!r}; use one of {FORMATS}")
+        raise UserError(f"{path}: unsupported format {p.suffix!r}; use one of {FORMATS}")
     return [p]
 
 
@@ -65,15 +67,15 @@ def _raw_rows(path: Path):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{path}:1: invalid_utf8") from None
+            raise UserError(f"{path}:1: invalid_utf8") from None
         if text.startswith("\ufeff"):
-            raise ValueError(f"{path}:1: byte_order_mark (save the file as UTF-8 without a BOM)")
+            raise UserError(f"{path}:1: byte_order_mark (save the file as UTF-8 without a BOM)")
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid_json ({e.msg})") from None
+            raise UserError(f"{path}:{e.lineno}: invalid_json ({e.msg})") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}:1: json_not_an_array (a .json file holds one array of rows)")
+            raise UserError(f"{path}:1: json_not_an_array (a .json file holds one array of rows)")
         yield from enumerate(rows, start=1)
         return
     empty = True
@@ -222,3 +224,47 @@ def location(path: str, source: str, row: int) -> str:
     """`file:line` of a row (1-based) for messages."""
     files = {f.stem: f for f in source_files(path)}
     return f"{files.get(source, path)}:{row + 1}"
+
+
+def iter_conversations(path: str, on_error: str, counts: dict | None = None):
+    """Stream (source, 0-based row, messages) of the valid rows under `path` (a file or a folder of sources).
+    A bad row raises `file:line: reason` (on_error='fail') or is counted in `counts` (on_error='skip'):
+    counts[source] = {"rows_read", "rows_kept", "rows_dropped", "dropped": {reason: n}, "empty_files"}."""
+    counts = {} if counts is None else counts
+    fix = "fix the row, or set render.on_error: skip to drop bad rows and count them"
+    for source, row, messages, reason in read_rows(path):
+        c = counts.setdefault(source, {"rows_read": 0, "rows_kept": 0, "rows_dropped": 0, "dropped": {},
+                                       "empty_files": 0})
+        if reason == "empty_file":
+            if on_error == "fail":
+                raise UserError(f"{location(path, source, 0).rsplit(':', 1)[0]}: empty file; {fix}")
+            c["empty_files"] += 1
+            continue
+        c["rows_read"] += 1
+        if reason is None:
+            c["rows_kept"] += 1
+            yield source, row, messages
+        elif on_error == "fail":
+            raise UserError(f"{location(path, source, row)}: {reason}; {fix}")
+        else:
+            c["rows_dropped"] += 1
+            c["dropped"][reason] = c["dropped"].get(reason, 0) + 1
+
+
+def read_conversations(path: str, on_error: str = "fail") -> list[list[dict]]:
+    """All valid conversations under `path`, in order; a bad row raises `file:line: reason` (on_error='fail') or
+    is skipped (on_error='skip')."""
+    return [messages for _, _, messages in iter_conversations(path, on_error)]
+
+
+def read_corpus(path: str) -> list[str]:
+    """The pretraining corpus: a JSONL file of {"text": "..."} documents."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n}: not a JSON object with a \"text\" string; the corpus (data.corpus) is "
+                                "JSONL, one {\"text\": ...} document a line") from None
+    return texts

@@ -1,7 +1,6 @@
-"""Evaluation: masked loss on packed rows, the judge-free generation metrics of SPEC §5 with bootstrap intervals,
-a multiple-choice (letter logits) evaluation, per-example predictions (parquet), and a paired base-vs-SFT
-comparison. Pictures and the Markdown report are in pipeline/report.py."""
-import dataclasses
+"""Evaluation with a model: the masked dev loss, greedy answers to held-out conversations scored judge-free
+(pipeline/metrics.py), multiple choice from the option letters' scores, the generation check during training, and
+the evaluate stage's base-vs-SFT run (metrics.json, per-example predictions as parquet)."""
 import json
 import math
 import re
@@ -13,119 +12,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from pipeline.chat import layout, load_tokenizer, read_conversations, render_prompt
-from pipeline.common import Compute, setup_compute, write_json
+from pipeline.common import Compute, UserError, atomic_file, setup_compute, write_json
+from pipeline.config import DuringTrainConfig, EvaluateConfig
+from pipeline.data import read_conversations
 from pipeline.generate import generate
-from pipeline.model import Transformer, load_model
-from pipeline.pack import load_packed, to_batch
-
-RATES = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3")  # per-example scores, averaged
-
-
-@torch.no_grad()
-def evaluate_loss(model, arrays: dict, batch_size: int, compute: Compute) -> float:
-    """Mean cross-entropy per trained target over all rows (a sum over tokens, not a mean of batch means)."""
-    model.eval()
-    total, count = 0.0, 0
-    n_rows = len(arrays["ids"])
-    for start in range(0, n_rows, batch_size):
-        ids, labels, pos, doc = to_batch(arrays, range(start, min(n_rows, start + batch_size)), compute.device)
-        with compute.autocast():
-            loss_sum, n = model(ids, labels, pos, doc)
-        total += loss_sum.item()
-        count += int(n)
-    return total / max(1, count)
-
-
-@dataclasses.dataclass
-class DuringTrainConfig:
-    prompts: int = 32  # dev conversations answered at every train.eval_every (generation metrics logged)
-    max_new_tokens: int = 32  # generation budget per answer during training
-    samples: int = 4  # of those, the first N answers are written as samples (samples.jsonl, samples.md)
-
-    def __post_init__(self):
-        if self.prompts < 0 or self.max_new_tokens < 1 or not 0 <= self.samples <= self.prompts:
-            raise ValueError("evaluate.during_train: need prompts >= 0, max_new_tokens >= 1, 0 <= samples <= prompts")
-
-
-@dataclasses.dataclass
-class EvaluateConfig:
-    mc: str = "data/synth/mc.jsonl"  # multiple-choice conversations (options `a) ...` in the user turn, gold letter)
-    max_new_tokens: int = 200  # generation budget per answer
-    batch_size: int = 64  # prompts decoded together
-    limit: int = 0  # evaluate the first N held-out conversations (and N multiple-choice questions); 0: all
-    n_boot: int = 1000  # bootstrap resamples for the 95% intervals
-    seed: int = 0  # bootstrap seed
-    n_report: int = 8  # held-out prompts shown side by side (base, sft) in the Markdown report
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | bfloat16 | float32
-    during_train: DuringTrainConfig = dataclasses.field(default_factory=DuringTrainConfig)  # used by train
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.limit < 0:
-            raise ValueError("evaluate: need max_new_tokens >= 1, batch_size >= 1, limit >= 0")
-        if self.n_boot < 100 or self.n_report < 0:
-            raise ValueError("evaluate: need n_boot >= 100 and n_report >= 0")
-
-
-def normalize(text: str) -> str:
-    """SPEC §5: lowercase, keep [a-z0-9 ], drop a/an/the, collapse whitespace."""
-    text = re.sub(r"[^a-z0-9\s]", "", text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-def distinct3(text: str) -> float:
-    """Unique word trigrams / trigrams; 1.0 means no repetition loop (and for texts under 3 words)."""
-    words = text.split()
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def score(output: str, gold: str, stopped: bool) -> dict:
-    out, ref = normalize(output), normalize(gold)
-    return {
-        "exact_match": float(out == ref),
-        # whole words: gold "5" is not found in "1250", nor "red" in "bred"
-        "contains_answer": float(f" {ref} " in f" {out} ") if ref else 0.0,
-        "stopped": float(stopped),
-        "length_ok": float(len(output.split()) <= 3 * max(1, len(gold.split()))),
-        "distinct3": distinct3(output),
-    }
-
-
-# ---- uncertainty ------------------------------------------------------------------------------------------
-def bootstrap_ci(values, n_boot: int, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of per-example values (resampling examples)."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    lo, hi = np.percentile(x[idx].mean(axis=1), [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def summarize(rows: list[dict], keys, n_boot: int, seed: int, prefix: str = "") -> dict:
-    """{prefix}n and, per key, the mean with its bootstrap interval: key, key_lo, key_hi."""
-    out = {f"{prefix}n": len(rows)}
-    for key in keys:
-        values = [r[key] for r in rows]
-        out[key] = float(np.mean(values)) if values else math.nan
-        out[f"{key}_lo"], out[f"{key}_hi"] = bootstrap_ci(values, n_boot, seed)
-    return out
-
-
-def paired(a: list[dict], b: list[dict], keys, n_boot: int, seed: int, prefix: str = "") -> dict:
-    """b minus a on the same examples (same order): the mean difference per key, a paired bootstrap interval
-    (examples resampled together, so per-example correlation narrows it), and wins/losses counts."""
-    assert len(a) == len(b), "paired comparison needs the same examples for both models"
-    diffs = [{k: rb[k] - ra[k] for k in keys} for ra, rb in zip(a, b)]
-    out = summarize(diffs, keys, n_boot, seed, prefix)
-    for key in keys:
-        out[f"{key}_wins"] = sum(d[key] > 0 for d in diffs)
-        out[f"{key}_losses"] = sum(d[key] < 0 for d in diffs)
-    return out
+from pipeline.hf import load_model
+from pipeline.metrics import RATES, paired, score, summarize
+from pipeline.model import Transformer
+from pipeline.pack import load_packed
+from pipeline.template import layout, render, render_prompt
+from pipeline.tokenizer import load_tokenizer
+from pipeline.train import evaluate_loss
 
 
 # ---- generation -------------------------------------------------------------------------------------------
@@ -187,21 +87,31 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], compu
     return out
 
 
+def written_answer(messages: list[dict], text: str, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the prompt for the next assistant turn after `messages`, and the ids the renderer
+    gives that turn's content `text` (its end token left out): what the model was trained to write there. In the
+    markers format content is encoded with a prefix space (" b"); in ChatML it follows "assistant\n" ("b")."""
+    prompt = render_prompt(messages, tok)
+    ids = render(messages + [{"role": "assistant", "content": text}], tok)[0]
+    assert ids[: len(prompt)] == prompt, f"the assistant header merged with {text!r}: no answer ids of its own"
+    return prompt, ids[len(prompt) : len(ids) - 1 - len(layout(tok).after_end)]
+
+
 def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, compute: Compute, name: str) -> list[dict]:
     """SPEC §5 categorical evaluation: at the answer position (the assistant header that ends the prompt) only the
     option letters are compared, and the most likely one is the choice; correct when it is the gold letter.
-    A letter is scored by its log-probability as the model would write it (content has a prefix space): with
-    single-token letters that is the letter's logit minus a constant shared by all letters, so the argmax is the
-    argmax of the letter logits; a letter split into several tokens is scored by their summed log-probability."""
+    A letter is scored by its log-probability as the model would write it (`written_answer`): with single-token
+    letters that is the letter's logit minus a constant shared by all letters, so the argmax is the argmax of the
+    letter logits; a letter split into several tokens is scored by their summed log-probability."""
     model.eval()
     rows, pairs, spans = [], [], []
     for i, conv in enumerate(conversations):
         letters, gold = option_letters(conv[-2]["content"]), conv[-1]["content"].strip()
         if gold not in letters:
-            raise ValueError(f"multiple-choice question {i}: gold {gold!r} is not one of its options {letters}")
-        prompt = render_prompt(conv[:-1], tok)
+            raise UserError(f"multiple-choice question {i + 1}: gold {gold!r} is not one of its options {letters}; "
+                            "fix the question file (evaluate.mc)")
         spans.append((len(pairs), letters, gold))
-        pairs += [(prompt, tok.encode(x, add_special_tokens=False).ids) for x in letters]
+        pairs += [written_answer(conv[:-1], x, tok) for x in letters]
     scores: list[float] = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="multiple choice", disable=not sys.stderr.isatty()):
         scores += continuation_logprobs(model, pairs[start : start + batch_size], compute)
@@ -277,19 +187,18 @@ def write_samples(folder: str, call: int, tok, examples, answers) -> None:
 
 # ---- the stage --------------------------------------------------------------------------------------------
 def write_parquet(path: str, rows: list[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc: str, dev: str, metrics_path: str,
-                  predictions_dir: str) -> dict:
+                  predictions_dir: str, on_error: str = "fail") -> dict:
     """Run the same harness on each model folder (base first: the 'before' row) -> metrics.json grouped by
     model (every rate with n and a bootstrap 95% interval), a paired comparison of the second model against
-    the first, and every prediction in predictions_dir/{generation,mc}.parquet."""
-    conversations = read_conversations(heldout, on_error="fail")[0]
-    questions = read_conversations(mc, on_error="fail")[0]
+    the first, and every prediction in predictions_dir/{generation,mc}.parquet. Bad rows of the held-out and
+    multiple-choice files fail or are skipped as render.on_error says (`on_error`)."""
+    conversations = read_conversations(heldout, on_error)
+    questions = read_conversations(mc, on_error)
     if cfg.limit:
         conversations, questions = conversations[: cfg.limit], questions[: cfg.limit]
     compute = setup_compute(cfg.device, cfg.dtype)

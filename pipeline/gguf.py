@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
+from pipeline.common import UserError
+
 # GGUF tensor name -> HF Llama name ({i}: layer)
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -36,7 +38,7 @@ def undo_rope_permutation(w: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_config(reader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+        raise UserError(f"GGUF architecture {arch!r} is not supported (only 'llama'); use a Llama-architecture model")
     g = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
     n_head = int(g("attention.head_count"))
     has_output = any(t.name == "output.weight" for t in reader.tensors)
@@ -90,7 +92,7 @@ def gguf_tokenizer(reader) -> Tokenizer:
     """The byte-level BPE stored in the file, as a `tokenizers` Tokenizer; control and user-defined tokens become
     added (special) tokens. Digits are split one by one, as the 'smollm'/'llama-bpe' pre-tokenizers do."""
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer {_field(reader, 'tokenizer.ggml.model')!r} is not supported (only 'gpt2')")
+        raise UserError(f"GGUF tokenizer {_field(reader, 'tokenizer.ggml.model')!r} is not supported (only 'gpt2')")
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]

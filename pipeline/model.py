@@ -1,17 +1,15 @@
-"""A Llama-architecture transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases),
-saved and loaded as a Hugging Face Llama folder: config.json + model.safetensors (+ tokenizer files)."""
-import dataclasses
-import json
+"""A Llama-architecture transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases) and its loss on
+packed rows (the target shift, the document mask, fp32 cross-entropy at trained positions only). Knows no tokenizer
+and no file format: pipeline/hf.py saves and loads it as a Hugging Face folder."""
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.chat import IGNORE_INDEX, save_tokenizer, special_ids
+from pipeline.common import IGNORE_INDEX
+from pipeline.config import ModelConfig
 
 try:  # FlexAttention (torch >= 2.5): the packed-row mask as a block mask, fused on CUDA; no CPU backward
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -31,32 +29,6 @@ def flex(q, k, v, block_mask):
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
-
-@dataclasses.dataclass
-class ModelConfig:
-    n_layer: int = 4  # transformer blocks
-    n_embd: int = 256  # hidden width
-    n_head: int = 4  # query heads
-    n_kv_head: int = 2  # key/value heads (grouped-query attention); divides n_head
-    intermediate_size: int = 704  # SwiGLU hidden width
-    max_seq_len: int = 1024  # max_position_embeddings written to config.json
-    rope_theta: float = 10000.0  # RoPE base
-    norm_eps: float = 1.0e-5  # RMSNorm epsilon
-    tie_embeddings: bool = True  # share input embedding and output layer
-    init_std: float = 0.02  # weight init standard deviation
-    vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError("model head size (n_embd / n_head) must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 class RMSNorm(nn.Module):
@@ -258,113 +230,3 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-# ---- Hugging Face Llama layout -------------------------------------------------------------------------
-# The one explicit map between our parameter names and transformers' LlamaForCausalLM names.
-HF_NAMES = {
-    "embed.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "attn.q.weight": "self_attn.q_proj.weight",
-    "attn.k.weight": "self_attn.k_proj.weight",
-    "attn.v.weight": "self_attn.v_proj.weight",
-    "attn.o.weight": "self_attn.o_proj.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.up.weight": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-}
-
-
-def to_hf_name(name: str) -> str:
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        return f"model.layers.{i}.{HF_NAMES[rest]}"
-    return HF_NAMES[name]
-
-
-def hf_config(cfg: ModelConfig, special: dict[str, int]) -> dict:
-    """config.json for transformers' LlamaForCausalLM; both rope spellings for old and new versions."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": special["eos"],
-        "pad_token_id": special["pad"],
-    }
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"expected a Llama model folder (model_type 'llama'), got {hf.get('model_type')!r}")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ValueError(f"config.json sets {key}; this model has no biases")
-    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
-        raise ValueError("config.json head_dim must equal hidden_size / num_attention_heads")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope scaling {rope!r}")
-    return ModelConfig(
-        n_layer=hf["num_hidden_layers"], n_embd=n_embd, n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads", n_head), intermediate_size=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)), vocab_size=hf["vocab_size"],
-    )
-
-
-def save_model(model: Transformer, tok, folder: str) -> None:
-    """A complete HF Llama folder: config.json, model.safetensors (fp32; a tied lm_head is not stored),
-    generation_config.json (stops at the format's end token) and the tokenizer files with the chat template."""
-    special = special_ids(tok)
-    state = {}
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight" and model.cfg.tie_embeddings:
-            continue
-        state[to_hf_name(name)] = p.detach().to("cpu", torch.float32).contiguous()
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config(model.cfg, special), indent=2) + "\n")
-    generation = {"eos_token_id": special["eos"], "pad_token_id": special["pad"], "do_sample": False,
-                  "max_new_tokens": 200}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_tokenizer(tok, folder)
-
-
-def load_model(folder: str, device="cpu") -> Transformer:
-    """Load a HF Llama folder (safetensors only: pickles are never loaded)."""
-    path = Path(folder)
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder}: no model.safetensors (this loader reads safetensors only)")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    model = Transformer(cfg)
-    tensors = load_file(str(path / "model.safetensors"))
-    expected = {to_hf_name(n) for n in model.state_dict() if not (n == "lm_head.weight" and cfg.tie_embeddings)}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"{folder}/model.safetensors: missing {missing[:5]}, unexpected {extra[:5]}")
-    by_hf = {to_hf_name(n): n for n in model.state_dict()}
-    model.load_state_dict({by_hf[k]: v for k, v in tensors.items()}, strict=not cfg.tie_embeddings)
-    return model.to(device)

@@ -5,10 +5,9 @@ A packed row of block_size 8 holding conversations 5 (3 tokens) and 9 (4 tokens)
     labels - a a - b b b -      (- is -100; a conversation's own mask, padding never trained)
     pos    0 1 2 0 1 2 3 0      (restarts per conversation)
     doc    5 5 5 9 9 9 9 -1     (rendered row index; the attention mask compares it, -1 is padding)"""
-import contextlib
+import csv
 import dataclasses
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -17,65 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.chat import IGNORE_INDEX
+from pipeline.common import IGNORE_INDEX, UserError
+from pipeline.config import PackConfig
 
 ARRAYS = ("ids", "labels", "pos", "doc")
 PADDING = {"ids": 0, "labels": IGNORE_INDEX, "pos": 0, "doc": -1}  # what a packed row holds after its conversations
-ASSISTANT_HEADER = (2,)  # <|assistant|> (markers pinned to ids 0..4); a rendered parquet records its own header
-RENDERED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                             ("source", pa.string()), ("source_row", pa.int64())])
-
-
-@dataclasses.dataclass
-class PackConfig:
-    block_size: int = 256  # tokens per packed row
-    overlong: str = "drop"  # longer than block_size: drop | truncate (the tail of the last assistant turn) | fail
-    seed: int = 0  # the weighted, shuffled order of the train conversations
-    weights: dict = dataclasses.field(default_factory=dict)  # train source -> weight (repeat/subsample); absent: 1
-
-    def __post_init__(self):
-        if self.block_size < 8:
-            raise ValueError(f"pack.block_size={self.block_size} is too small")
-        if self.overlong not in ("drop", "truncate", "fail"):
-            raise ValueError(f"pack.overlong must be 'drop', 'truncate' or 'fail', got {self.overlong!r}")
-        if not isinstance(self.weights, dict):
-            raise ValueError(f"pack.weights must be a mapping source -> weight, got {self.weights!r}")
-        for name, w in self.weights.items():
-            if isinstance(w, str):  # `dvc exp run -S +pack.weights.a=3e-5` writes 3e-05, which YAML reads as a string
-                with contextlib.suppress(ValueError):
-                    w = self.weights[name] = float(w)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
-                raise ValueError(f"pack.weights.{name} must be a number >= 0, got {w!r}")
-
-
-def write_rendered(path: str, input_ids: list[list[int]], labels: list[list[int]], source_row: list[int],
-                   source: list[str] | None = None, row_group_size: int = 8192) -> None:
-    table = pa.table({
-        "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
-        "labels": pa.array(labels, type=pa.list_(pa.int32())),
-        "source": pa.array(source or ["data"] * len(input_ids), type=pa.string()),
-        "source_row": pa.array(source_row, type=pa.int64()),
-    }, schema=RENDERED_SCHEMA)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=row_group_size)
-
-
-def read_rendered(path: str, with_sources: bool = False):
-    """(ids, labels, source_row) of a rendered parquet, plus the source names with with_sources=True.
-    Token columns are read flat (int32 buffers, zero-copy per row group) and cut into views, not row by row."""
-    table = pq.read_table(path)
-    out = []
-    for name in ("input_ids", "labels"):
-        views = []
-        for chunk in table.column(name).chunks:
-            values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-            offsets = chunk.offsets.to_numpy()
-            views += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        out.append(views)
-    rows = table.column("source_row").to_numpy()
-    if with_sources:
-        return out[0], out[1], rows, np.asarray(table.column("source").to_pylist(), dtype=object)
-    return out[0], out[1], rows
 
 
 def weighted_order(sources: np.ndarray, weights: dict, seed: int) -> np.ndarray:
@@ -84,7 +29,8 @@ def weighted_order(sources: np.ndarray, weights: dict, seed: int) -> np.ndarray:
     names = list(dict.fromkeys(sources.tolist()))
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"pack.weights names unknown sources {unknown}; the sources are {names}")
+        raise UserError(f"pack.weights names unknown sources {unknown}; the sources of data.train are {names} (the "
+                        "stems of its files); fix the names in pack.weights")
     rng = np.random.default_rng(seed)
     parts = []
     for name in names:
@@ -131,14 +77,18 @@ def best_fit_decreasing(lengths, block_size: int) -> tuple[np.ndarray, np.ndarra
 def rendered_header(path: str) -> tuple[int, ...]:
     """The assistant header ids recorded by the render stage in the parquet's metadata (the chat format's)."""
     meta = pq.read_schema(path).metadata or {}
-    return tuple(json.loads(meta[b"assistant_header"])) if b"assistant_header" in meta else ASSISTANT_HEADER
+    if b"assistant_header" not in meta:
+        raise UserError(f"{path}: no assistant_header in its metadata (written by an older render stage); rerun the "
+                        "render stage (`dvc repro -f render`)")
+    return tuple(json.loads(meta[b"assistant_header"]))
 
 
-def overlong_error(where: str, n: int, block_size: int) -> ValueError:
-    return ValueError(f"{where}: {n} tokens > pack.block_size={block_size} (pack.overlong=fail)")
+def overlong_error(where: str, n: int, block_size: int) -> UserError:
+    return UserError(f"{where}: {n} tokens > pack.block_size={block_size} (pack.overlong=fail); raise pack.block_size, "
+                     "or set pack.overlong to drop or truncate")
 
 
-def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header=ASSISTANT_HEADER) -> int:
+def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: tuple[int, ...] = ()) -> int:
     """How many tokens of a rendered conversation go into the pack (0: dropped). Truncation cuts only the tail of
     the last assistant turn, keeping its header (`header` ids) and at least one of its tokens; otherwise the row
     is dropped."""
@@ -147,6 +97,7 @@ def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header=A
     if overlong == "fail":
         raise overlong_error(where, len(x), block_size)
     if overlong == "truncate":
+        assert header, "truncation needs the assistant header ids (rendered_header)"
         h = len(header)
         at = np.flatnonzero(np.all([x[j : len(x) - h + 1 + j] == header[j] for j in range(h)], axis=0))
         if len(at) and at[-1] + h < block_size:
@@ -200,7 +151,7 @@ def _report(lengths: np.ndarray, fits: np.ndarray, sources: np.ndarray, n: int, 
 
 
 def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sources=None, rows=None,
-         out: str | None = None, header=ASSISTANT_HEADER) -> tuple[dict, dict]:
+         out: str | None = None, header: tuple[int, ...] = ()) -> tuple[dict, dict]:
     """Pack whole conversations held in memory into rows; returns the arrays (rows, block_size) and a report (per
     source when `sources` names each conversation's source). With `out`, the arrays are also saved there as .npy
     and returned memory-mapped. `pack_rendered` does the same from a rendered parquet, without holding its tokens."""
@@ -353,6 +304,26 @@ def length_histogram(lengths: np.ndarray, block_size: int, bins: int = 32) -> li
     return [{"length": int(e), "conversations": int(c)} for e, c in zip(edges, counts)]
 
 
+def pack_split(path: str, cfg: PackConfig, out: str, weighted: bool) -> tuple[dict, np.ndarray]:
+    """The pack stage for one split: the rendered parquet at `path` packed into `out`/*.npy, in the weighted,
+    shuffled order of pack.weights and pack.seed (weighted=True, train) or in file order. Returns the report and
+    the lengths of the packed conversations, in packing order (for the histogram)."""
+    index = read_index(path, cfg)  # lengths, sources, rows: no tokens held
+    order = weighted_order(index.sources, cfg.weights, cfg.seed) if weighted else np.arange(len(index.lengths))
+    report = pack_rendered(path, index, order, cfg, out)
+    print(f"pack {Path(out).name}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "sources"))
+    return report, index.lengths[order]
+
+
+def write_histogram(path: str, lengths: np.ndarray, block_size: int) -> None:
+    """A DVC plot of conversations per length bin (CSV)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["length", "conversations"])
+        w.writeheader()
+        w.writerows(length_histogram(lengths, block_size))
+
+
 def save_packed(arrays: dict, folder: str) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
@@ -360,16 +331,9 @@ def save_packed(arrays: dict, folder: str) -> None:
 
 
 def load_packed(folder: str) -> dict:
+    """The arrays of a packed split, memory-mapped."""
+    missing = [name for name in ARRAYS if not (Path(folder) / f"{name}.npy").is_file()]
+    if missing:
+        raise UserError(f"{folder}: not a packed split (no {', '.join(m + '.npy' for m in missing)}); run the pack "
+                        "stage (`dvc repro pack`)")
     return {name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-
-
-def to_batch(arrays: dict, rows, device) -> tuple:
-    """(ids, labels, pos, doc) int64 tensors for the given row numbers."""
-    import torch  # here, so rendering and packing a million rows do not pay for importing torch
-
-    return tuple(torch.from_numpy(np.asarray(arrays[k][rows], dtype=np.int64)).to(device) for k in ARRAYS)
-
-
-def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded data order of one epoch: a permutation of row numbers."""
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)

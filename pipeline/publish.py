@@ -1,6 +1,5 @@
 """Publishing: the fine-tuned model folder + eval metrics -> a self-contained folder with a model card
 (`export`), uploaded to the Hugging Face Hub when asked for (`push`). Tokens come from the environment only."""
-import dataclasses
 import hashlib
 import json
 import os
@@ -11,33 +10,24 @@ from urllib.parse import urlparse
 
 import yaml
 
-from pipeline.chat import chat_template, layout, load_tokenizer
+from pipeline.common import UserError, hub_offline
+from pipeline.config import PublishConfig
+from pipeline.metrics import RATES, cell
+from pipeline.template import chat_template, layout
+from pipeline.tokenizer import load_tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json")
-METRICS = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3", "dev_loss")
-
-
-@dataclasses.dataclass
-class PublishConfig:
-    repo_id: str = ""  # Hugging Face Hub repo, e.g. user/tiny-chat; empty: export only, no upload
-    private: bool = True  # create the Hub repo as private
-    model_name: str = "sft-chat"  # name shown in the model card
-    min_stopped: float = 0.9  # refuse to publish when the fine-tuned model ends fewer held-out answers than this
-
-    def __post_init__(self):
-        if not 0.0 <= self.min_stopped <= 1.0:
-            raise ValueError(f"publish.min_stopped must be in [0, 1], got {self.min_stopped}")
 
 
 def check_gate(cfg: PublishConfig, metrics: dict) -> None:
     """The publish gate: a chat model that does not stop makes servers generate until their limit."""
     stopped = metrics.get("sft", {}).get("stopped")
     if stopped is None:
-        raise ValueError("publish: the metrics have no sft.stopped; run the evaluate stage first")
+        raise UserError("the metrics have no sft.stopped; run the evaluate stage first (`dvc repro evaluate`)")
     if stopped < cfg.min_stopped:
-        raise ValueError(
-            f"publish: refusing to publish: sft.stopped = {stopped:.3f} is below publish.min_stopped = "
+        raise UserError(
+            f"refusing to publish: sft.stopped = {stopped:.3f} is below publish.min_stopped = "
             f"{cfg.min_stopped:.3f} (the fine-tuned model does not end enough held-out answers with its end token). "
             "Train longer or check the mask in reports/render.json; set publish.min_stopped lower to publish anyway.")
 
@@ -55,19 +45,11 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cell(group: dict, key: str) -> str:
-    value = group.get(key)
-    if not isinstance(value, float):
-        return str(value)
-    lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
-    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{value:.3f}"
-
-
 def eval_table(metrics: dict) -> str:
     """Base vs fine-tuned, with the 95% interval where the metrics carry one (key_lo, key_hi)."""
     lines = ["| metric | base | sft |", "|---|---|---|"]
-    for key in ("n", *METRICS):
-        lines.append(f"| {key} | {_cell(metrics.get('base', {}), key)} | {_cell(metrics.get('sft', {}), key)} |")
+    for key in ("n", *RATES, "dev_loss"):
+        lines.append(f"| {key} | {cell(metrics.get('base', {}), key)} | {cell(metrics.get('sft', {}), key)} |")
     return "\n".join(lines)
 
 
@@ -162,15 +144,15 @@ def hub_endpoint() -> str:
 
 def check_reachable(endpoint: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with a clear message, where the client would retry for half a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise RuntimeError("publish: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or clear "
+    if hub_offline():
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or clear "
                            "publish.repo_id")
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as e:
-        raise RuntimeError(f"publish: cannot reach {endpoint} ({e}); the exported folder is intact, upload it "
+        raise UserError(f"cannot reach {endpoint} ({e}); the exported folder is intact, upload it "
                            "later with `dvc repro publish` once online, or clear publish.repo_id") from None
 
 
@@ -185,8 +167,16 @@ def push(cfg: PublishConfig, folder: str) -> str:
     endpoint = hub_endpoint()
     check_reachable(endpoint)
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
-    api.upload_folder(repo_id=cfg.repo_id, folder_path=folder, commit_message="Upload SFT model")
+    try:
+        api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+        api.upload_folder(repo_id=cfg.repo_id, folder_path=folder, commit_message="Upload SFT model")
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        what = ("check HF_TOKEN: it must be a write token of the repo's owner" if status in (401, 403)
+                else "see the Hub's status, then rerun `dvc repro publish`")
+        raise UserError(f"the Hub at {endpoint} refused the upload to {cfg.repo_id} (HTTP {status}); {what}; the "
+                        "exported folder is intact") from None
     return f"uploaded {folder} to {cfg.repo_id} on {endpoint}"

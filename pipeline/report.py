@@ -8,10 +8,12 @@ from pathlib import Path
 import matplotlib
 import pyarrow.parquet as pq
 
+from pipeline.metrics import RATES, cell
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-BARS = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3", "mc_accuracy")
+BARS = (*RATES, "mc_accuracy")
 
 
 def read_tsv(path: Path) -> tuple[list[float], list[float]]:
@@ -67,21 +69,12 @@ def plot_metrics(metrics: dict, out_png: str, models=("base", "sft")) -> None:
     plt.close(fig)
 
 
-def cell(metrics: dict, key: str) -> str:
-    v = metrics.get(key)
-    if v is None:
-        return "-"
-    if f"{key}_lo" in metrics:
-        return f"{v:.3f} [{metrics[f'{key}_lo']:.3f}, {metrics[f'{key}_hi']:.3f}]"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def metrics_table(metrics: dict, models=("base", "sft")) -> str:
     """Markdown: one row per metric, one column per model plus the paired difference, intervals in brackets."""
     diff = f"{models[1]}_minus_{models[0]}"
     head = ["metric", *models, f"{models[1]} − {models[0]} (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in ("n", *BARS[:-1], "mc_n", "mc_accuracy", "dev_loss", "dev_ppl"):
+    for key in ("n", *RATES, "mc_n", "mc_accuracy", "dev_loss", "dev_ppl"):
         lines.append("| " + " | ".join([key, *(cell(metrics[m], key) for m in models),
                                         cell(metrics.get(diff, {}), key)]) + " |")
     return "\n".join(lines)

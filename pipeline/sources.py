@@ -1,8 +1,9 @@
 """Where a base model comes from: `base.init_from` names a local Hugging Face Llama folder, a GGUF file, or a Hub
 repo id (`hf://org/name`, optionally `@revision`). Each is turned into a local folder in the layout this pipeline
 reads (config.json, model.safetensors, tokenizer.json); pickles are never downloaded or loaded."""
-import os
 from pathlib import Path
+
+from pipeline.common import UserError, hub_offline
 
 HUB_PREFIX = "hf://"
 IMPORT_DIR = ".cache/init_from"  # converted GGUF and downloaded Hub models: outside DVC outputs, git-ignored
@@ -17,7 +18,7 @@ def resolve_model(spec: str, work_dir: str) -> str:
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"base.init_from: GGUF file {spec} does not exist")
+            raise UserError(f"base.init_from: GGUF file {spec} does not exist; fix base.init_from")
         from pipeline.gguf import convert_gguf
 
         out = Path(work_dir) / "gguf"
@@ -25,16 +26,16 @@ def resolve_model(spec: str, work_dir: str) -> str:
         return str(out)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"base.init_from: {spec} has no config.json (expected a Hugging Face model folder)")
+            raise UserError(f"base.init_from: {spec} has no config.json; point it at a Hugging Face model folder")
         return str(path)
-    raise FileNotFoundError(f"base.init_from: {spec!r} is neither a model folder, a .gguf file, nor hf://org/name")
+    raise UserError(f"base.init_from: {spec!r} is neither a model folder, a .gguf file, nor hf://org/name")
 
 
 def download_from_hub(repo: str, out: str) -> str:
     """snapshot_download of the safetensors and JSON files only; a clear error when offline."""
     repo_id, _, revision = repo.partition("@")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise RuntimeError(f"base.init_from: cannot download {repo_id}: HF_HUB_OFFLINE is set. Download it once "
+    if hub_offline():
+        raise UserError(f"base.init_from: cannot download {repo_id}: HF_HUB_OFFLINE is set. Download it once "
                            "online (or copy the folder here) and point base.init_from at the local folder")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -43,8 +44,8 @@ def download_from_hub(repo: str, out: str) -> str:
         folder = snapshot_download(repo_id, revision=revision or None, local_dir=out, allow_patterns=HUB_FILES,
                                    etag_timeout=10)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise RuntimeError(f"base.init_from: cannot download {repo_id} from the Hub ({type(e).__name__}: {e}). "
+        raise UserError(f"base.init_from: cannot download {repo_id} from the Hub ({type(e).__name__}: {e}). "
                            "Offline? Point base.init_from at a local folder instead") from None
     if not any(Path(folder).glob("*.safetensors")):
-        raise ValueError(f"base.init_from: {repo_id} has no safetensors weights (pickled weights are never loaded)")
+        raise UserError(f"base.init_from: {repo_id} has no safetensors weights (pickled weights are never loaded)")
     return folder

@@ -6,13 +6,16 @@ Randomness comes only from random.Random streams seeded by cfg.seed, so a seed g
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from pipeline.config import MAX_SYLLABLES, SYNTH_TASKS, SynthConfig
 
 ONSETS = "b d f g k l m n p r s t v z br dr kr st th sh".split()
 VOWELS = "a e i o u".split()
 CODAS = ["", "n", "r", "l", "s", "k"]
 SYLLABLES = [o + v for o in ONSETS for v in VOWELS]
+assert len(SYLLABLES) == MAX_SYLLABLES, "pipeline/config.py checks synth.n_syllables against this inventory"
 PROFESSIONS = "baker potter weaver smith miller fisher carpenter tailor mason brewer healer scribe sailor".split()
 COLOURS = "red blue green yellow orange purple white black grey brown pink silver".split()
 PRODUCTS = "wool salt glass cheese copper paper honey timber silk pottery wine iron amber rope lace tea".split()
@@ -81,59 +84,6 @@ TEMPLATES = {
                 ask=["What is the name of {e}'s pet?", "What is {e}'s pet called?", "What is the pet of {e} called?"],
                 follow=["What is their pet called?", "What is the name of their pet?"]),
 }
-TASKS = ("fact", "passage", "arith", "multi")
-
-
-@dataclass
-class SynthConfig:
-    seed: int = 0  # one seed for the world, the held-out split, the corpus and the conversations
-    n_towns: int = 30  # towns in the world (5 facts each)
-    n_people: int = 60  # people in the world (5 facts each); the first n_towns are the mayors
-    n_regions: int = 6  # region names shared by the towns
-    n_rivers: int = 10  # river names shared by the towns
-    n_syllables: int = 40  # syllables (of 105) that names are built from; names are 2 syllables + an optional coda
-    docs_per_entity: int = 8  # corpus documents per town and per person, each restating all its facts
-    docs_per_group: int = 2  # corpus documents listing the towns of each region and each river
-    n_arith_docs: int = 200  # corpus documents of worked sums and differences
-    n_reading_docs: int = 1000  # corpus documents describing an invented entity, then asking about it
-    corpus_question_frac: float = 0.25  # chance that a corpus sentence is phrased as question + answer
-    heldout_frac: float = 0.2  # fraction of (entity, attribute) facts asked about only in heldout.jsonl
-    n_train: int = 6000  # conversations in train.jsonl
-    n_dev: int = 300  # conversations in dev.jsonl (same distribution as train, none identical to one)
-    n_heldout: int = 300  # conversations in heldout.jsonl (held-out facts, fresh passages and sums)
-    frac_fact: float = 0.45  # closed-book single question about a world fact
-    frac_passage: float = 0.2  # question answered from a passage about an invented entity in the user turn
-    frac_arith: float = 0.15  # a + b or a - b
-    frac_multi: float = 0.2  # 2..max_turns follow-up questions about the same (or a linked) entity
-    max_turns: int = 3  # most user/assistant exchanges in a multi-turn conversation
-    system_frac: float = 0.3  # fraction of conversations that begin with a system message
-    arith_max: int = 20  # operands are drawn from 0..arith_max; differences are never negative
-    n_mc: int = 200  # multiple-choice questions in mc.jsonl (options a-d, gold = a letter) about known facts
-    n_mc_train: int = 0  # multiple-choice conversations added to train.jsonl, about other known facts than mc.jsonl
-
-    def __post_init__(self):
-        for name in ("corpus_question_frac", "heldout_frac", "system_frac") + tuple(f"frac_{t}" for t in TASKS):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"synth.{name}={getattr(self, name)} must be in [0, 1]")
-        if abs(sum(getattr(self, f"frac_{t}") for t in TASKS) - 1.0) > 1e-6:
-            raise ValueError("synth.frac_fact + frac_passage + frac_arith + frac_multi must sum to 1")
-        lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
-                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0, n_mc=0, n_mc_train=0)
-        for name, low in lows.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"synth.{name}={getattr(self, name)} must be at least {low}")
-        if self.n_people < self.n_towns:
-            raise ValueError(f"synth.n_people={self.n_people} < n_towns={self.n_towns}: every town needs a mayor")
-        if not 2 <= self.n_syllables <= len(SYLLABLES):
-            raise ValueError(f"synth.n_syllables={self.n_syllables} must be in [2, {len(SYLLABLES)}]")
-        n_names = self.n_towns + self.n_regions + self.n_rivers + 3 * self.n_people  # first, last and pet names
-        if self.n_syllables ** 2 < 3 * n_names:  # room for unique, prefix-free names and for passage names
-            raise ValueError(f"synth.n_syllables={self.n_syllables} is too few for {n_names} unique names: "
-                             f"n_syllables**2 must be at least {3 * n_names}")
-        if self.n_heldout and round(self.heldout_frac * 5 * (self.n_towns + self.n_people)) < 1:
-            raise ValueError("synth.heldout_frac holds out no fact, but n_heldout > 0")
-        if self.heldout_frac > 0.8:
-            raise ValueError(f"synth.heldout_frac={self.heldout_frac} leaves too few facts to train on (max 0.8)")
 
 
 def word(rng: random.Random, syllables: list[str], taken: set = frozenset()) -> str:
@@ -292,8 +242,8 @@ def chat(system: str | None, turns: list[tuple[str, str]]) -> dict:
 
 def task_list(rng: random.Random, cfg: SynthConfig, n: int) -> list[str]:
     """Exactly n tasks in the configured proportions (rounded cumulatively, so they add up), shuffled."""
-    cum = list(itertools.accumulate(getattr(cfg, f"frac_{t}") for t in TASKS))
-    tasks = [t for t, lo, hi in zip(TASKS, [0.0] + cum, cum) for _ in range(round(n * hi) - round(n * lo))]
+    cum = list(itertools.accumulate(getattr(cfg, f"frac_{t}") for t in SYNTH_TASKS))
+    tasks = [t for t, lo, hi in zip(SYNTH_TASKS, [0.0] + cum, cum) for _ in range(round(n * hi) - round(n * lo))]
     tasks += ["fact"] * (n - len(tasks))  # float round-off
     rng.shuffle(tasks)
     return tasks

@@ -1,4 +1,4 @@
-"""Training: packed rows -> a trained model. Used for SFT and for pretraining the bundled base model.
+"""Training: packed rows -> a trained model, for SFT and for pretraining the bundled base model.
 One visible loop: AdamW (decay on matrices), warmup + cosine to a floor, gradient accumulation with the loss
 normalised by the trained-target count of the whole optimizer step (over all ranks), clipping, non-finite steps
 skipped, DDP under torchrun, and an atomic resume checkpoint every save_every steps that makes a rerun after a
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,50 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.chat import IGNORE_INDEX, load_tokenizer
-from pipeline.common import Compute, atomic_dir, is_rank0, load_params, print0, setup_compute
-from pipeline.evaluate import EvaluateConfig, evaluate_loss, make_train_evaluator
-from pipeline.model import ModelConfig, Transformer, flex_available, load_model, save_model, shift_targets
-from pipeline.pack import ARRAYS, PackConfig, load_packed, pack, row_order, to_batch
-from pipeline.sources import IMPORT_DIR, resolve_model
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    seed: int = 0  # data order seed
-    lr: float = 3.0e-4  # peak learning rate
-    min_lr_frac: float = 0.1  # cosine floor, as a fraction of lr
-    warmup_frac: float = 0.03  # linear warmup, as a fraction of all steps
-    epochs: float = 1.0  # passes over the packed rows (ignored when max_steps > 0)
-    max_steps: int = 0  # optimizer steps; 0: derived from epochs
-    batch_size: int = 16  # packed rows per micro-batch, per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    weight_decay: float = 0.1  # AdamW decay, matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1.0e-8
-    grad_clip: float = 1.0  # max global gradient norm (the pre-clip norm is logged)
-    eval_every: int = 50  # steps between dev-loss evaluations
-    log_every: int = 10  # steps between log lines when stdout is not a terminal
-    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
-    save_every: int = 100  # steps between resume checkpoints; 0: none
-    nproc: int = 1  # processes (GPUs) on this machine; > 1 relaunches the stage under torchrun (DDP)
-    compile: bool = True  # torch.compile the blocks on CUDA (fixed shapes); CPU always runs eager
-    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
-    loss_chunk: int = 8192  # trained positions per output-layer chunk in the loss; 0: all at once
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bfloat16 | float32
-    wandb_project: str = ""  # set to log to W&B too (mode from WANDB_MODE; default offline)
-
-    def __post_init__(self):
-        if self.lr <= 0 or not 0 <= self.min_lr_frac <= 1 or not 0 <= self.warmup_frac < 1:
-            raise ValueError("train: need lr > 0, 0 <= min_lr_frac <= 1, 0 <= warmup_frac < 1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_every < 1 or self.log_every < 1:
-            raise ValueError("train: batch_size, grad_accum, eval_every and log_every must be >= 1")
-        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
-            raise ValueError("train: set max_steps > 0 or epochs > 0")
-        if self.save_every < 0 or self.nproc < 1 or self.loss_chunk < 0 or self.max_bad_steps < 1:
-            raise ValueError("train: need save_every >= 0, nproc >= 1, loss_chunk >= 0, max_bad_steps >= 1")
+from pipeline.common import IGNORE_INDEX, Compute, atomic_file, is_rank0, print0
+from pipeline.config import TrainConfig
+from pipeline.distributed import all_reduce_sum, init_distributed
+from pipeline.model import Transformer, flex_available, shift_targets
+from pipeline.pack import ARRAYS
 
 
 def total_steps(cfg: TrainConfig, n_rows: int, world: int = 1) -> int:
@@ -93,6 +53,16 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -
                              fused=device.type == "cuda")
 
 
+def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded data order of one epoch: a permutation of row numbers."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def to_batch(arrays: dict, rows, device) -> tuple:
+    """(ids, labels, pos, doc) int64 tensors for the given row numbers of packed arrays."""
+    return tuple(torch.from_numpy(np.asarray(arrays[k][rows], dtype=np.int64)).to(device) for k in ARRAYS)
+
+
 def batch_rows(n_rows: int, cfg: TrainConfig, world: int = 1, rank: int = 0, skip: int = 0):
     """Endless seeded stream of this rank's row numbers, one list per micro-batch. Each epoch is a fresh
     permutation; a global micro-batch is batch_size * world consecutive rows of it and rank r takes the r-th
@@ -114,12 +84,19 @@ def micro_batches(arrays: dict, cfg: TrainConfig, device, world: int = 1, rank: 
         yield to_batch(arrays, rows, device)
 
 
-def all_reduce_sum(x: float, device, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+@torch.no_grad()
+def evaluate_loss(model: Transformer, arrays: dict, batch_size: int, compute: Compute) -> float:
+    """Mean cross-entropy per trained target over all rows (a sum over tokens, not a mean of batch means)."""
+    model.eval()
+    total, count = 0.0, 0
+    n_rows = len(arrays["ids"])
+    for start in range(0, n_rows, batch_size):
+        ids, labels, pos, doc = to_batch(arrays, range(start, min(n_rows, start + batch_size)), compute.device)
+        with compute.autocast():
+            loss_sum, n = model(ids, labels, pos, doc)
+        total += loss_sum.item()
+        count += int(n)
+    return total / max(1, count)
 
 
 def count_targets(micro: list) -> int:
@@ -147,7 +124,7 @@ def accumulate_gradients(model, micro: list, compute: Compute, world: int = 1) -
 def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
     """log(metrics, step): DVCLive (and W&B when asked for), on rank 0 only; a no-op on other ranks."""
     live = run = None
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = is_rank0()
     if live_dir and rank0:
         from dvclive import Live
 
@@ -173,45 +150,6 @@ def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
             run.finish()
 
     return log, close
-
-
-# ---- many processes -------------------------------------------------------------------------------------------
-def launch(nproc: int, module: str, args: list[str]) -> bool:
-    """Rerun `python -m module args` as nproc processes under torchrun on this machine, unless this process
-    already is one (RANK set: torchrun started it, possibly across machines). Returns True when it launched."""
-    if nproc <= 1 or "RANK" in os.environ:
-        return False
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", module, *args]
-    print0(f"{module}: launching {nproc} processes: {' '.join(cmd[1:])}")
-    result = subprocess.run(cmd)
-    if result.returncode:
-        raise SystemExit(f"{module}: torchrun with {nproc} processes failed (exit code {result.returncode})")
-    return True
-
-
-@contextlib.contextmanager
-def output_dir(out: str):
-    """atomic_dir(out) on rank 0; other ranks write nothing and get None."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield None
-        return
-    with atomic_dir(out) as tmp:
-        yield str(tmp)
-
-
-def init_distributed(compute: Compute) -> tuple[int, int, Compute]:
-    """(world, rank, compute) from torchrun's environment; joins the process group (NCCL on CUDA, gloo on CPU)
-    and puts each CUDA rank on its own GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1, 0, compute
-    if compute.device.type == "cuda":
-        compute = dataclasses.replace(compute, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-        torch.cuda.set_device(compute.device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if compute.device.type == "cuda" else "gloo")
-    return world, dist.get_rank(), compute
 
 
 # ---- speed ----------------------------------------------------------------------------------------------------
@@ -265,13 +203,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write-then-rename: a crash (kill -9 included) leaves the previous checkpoint whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, expected: str, desc: str) -> dict | None:
@@ -385,74 +320,3 @@ def clear_checkpoint(ckpt_dir: str | None) -> None:
     """After the model folder is written the resume checkpoint has served its purpose."""
     if ckpt_dir and is_rank0():
         (Path(ckpt_dir) / "resume.pt").unlink(missing_ok=True)
-
-
-@dataclasses.dataclass
-class BaseConfig:
-    seed: int = 0  # weight-init seed of the bundled base model
-    init_from: str = ""  # instead of pretraining: a model folder, a .gguf file or hf://org/name (pipeline/sources.py)
-    block_size: int = 256  # tokens per packed pretraining row
-    corpus_eval_rows: int = 256  # corpus rows on which an imported model's loss is measured (0: all of them)
-    pretrain: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # pretraining hyperparameters
-
-
-def corpus_rows(texts: list[str], tok, block_size: int) -> dict:
-    """Pretraining rows: each document fully trained, cut into block_size pieces, packed with a document mask."""
-    ids, labels = [], []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        x = np.asarray(enc.ids, dtype=np.int32)
-        for start in range(0, len(x), block_size):
-            ids.append(x[start : start + block_size])
-            labels.append(x[start : start + block_size])
-    arrays, _ = pack(ids, labels, PackConfig(block_size=block_size))
-    return arrays
-
-
-def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: str, out: str | None,
-              live_dir: str, ckpt_dir: str | None = None) -> None:
-    """The base model folder: a copy of cfg.init_from, or a model pretrained on the corpus."""
-    tok = load_tokenizer(tokenizer)
-    with open(corpus, encoding="utf-8") as f:
-        rows = corpus_rows([json.loads(line)["text"] for line in f], tok, cfg.block_size)
-    compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
-    if cfg.init_from:
-        folder = resolve_model(cfg.init_from, IMPORT_DIR)
-        model = load_model(folder)
-        if load_tokenizer(folder).get_vocab() != tok.get_vocab():
-            raise ValueError(f"{cfg.init_from}: its tokenizer differs from {tokenizer}")
-        print0(f"base: using {cfg.init_from} ({model.num_params():,} parameters), no pretraining")
-        # no training curve, but the same report: how well the imported model fits the corpus
-        log, close = make_logger(live_dir, cfg.pretrain, {})
-        # on the first corpus_eval_rows rows: a full pass of a real model over the corpus can take an hour on a CPU
-        n = len(rows["ids"]) if cfg.corpus_eval_rows <= 0 else min(cfg.corpus_eval_rows, len(rows["ids"]))
-        sample = {k: v[:n] for k, v in rows.items()}
-        loss = evaluate_loss(model.to(compute.device), sample, cfg.pretrain.batch_size, compute)
-        log({"corpus_loss": loss, "corpus_rows": n}, 0)
-        close()
-    else:
-        model = Transformer(dataclasses.replace(model_cfg, vocab_size=tok.get_vocab_size()))
-        model.init_weights(cfg.seed)
-        train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir)
-    if out is not None:  # rank 0
-        save_model(model.cpu(), tok, out)
-        clear_checkpoint(ckpt_dir)
-
-
-def finetune(cfg: TrainConfig, base: str, packed: str, out: str | None, live_dir: str,
-             ckpt_dir: str | None = None) -> None:
-    """SFT: the base folder's model trained on packed conversations, saved as a model folder (out None: a
-    rank other than 0, which saves nothing). A rerun after a crash resumes from ckpt_dir."""
-    tok = load_tokenizer(base)
-    model = load_model(base)
-    compute = setup_compute(cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    dev = load_packed(f"{packed}/dev")
-    # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
-    during = load_params("evaluate", EvaluateConfig).during_train
-    evaluator = make_train_evaluator(tok, dev, during, compute, live_dir if out is not None else None)
-    summary = train(cfg, model, compute, load_packed(f"{packed}/train"), dev, live_dir, "sft", evaluator,
-                    ckpt_dir=ckpt_dir)
-    print0(f"sft: {summary}")
-    if out is not None:
-        save_model(model.cpu(), tok, out)
-        clear_checkpoint(ckpt_dir)

@@ -13,7 +13,11 @@ import sys
 
 import numpy as np
 
-from pipeline.chat import RenderConfig, iter_conversations, load_tokenizer, render
+from pipeline.common import one_line_errors
+from pipeline.config import PARAMS_FILE, RenderConfig, load_params
+from pipeline.data import iter_conversations
+from pipeline.template import render
+from pipeline.tokenizer import load_tokenizer
 
 GREEN, RED, RESET = "\033[32m", "\033[31m", "\033[0m"
 
@@ -77,12 +81,11 @@ def main(argv=None) -> None:
     p.add_argument("--html", default="", help="also write the sampled rows as an HTML page here")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     a = p.parse_args(argv)
-    cfg = RenderConfig()
-    if os.path.exists("params.yaml"):
-        from pipeline.common import load_params
-
+    train_on, on_error = "all_assistant", "fail"
+    if os.path.exists(PARAMS_FILE):
         cfg = load_params("render", RenderConfig)
-    cfg = RenderConfig(on_error=a.on_error or cfg.on_error, train_on=a.train_on or cfg.train_on)
+        train_on, on_error = cfg.train_on, cfg.on_error
+    cfg = RenderConfig(on_error=a.on_error or on_error, train_on=a.train_on or train_on, batch_size=1)
     tok = load_tokenizer(a.tokenizer)
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     blocks = []
@@ -101,4 +104,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("view"):
+        main()

@@ -1,18 +1,19 @@
 """Stage evaluate: base and fine-tuned models on held-out conversations and multiple-choice questions ->
 metrics.json (grouped base/sft, intervals, paired difference), predictions (parquet), pictures and a report."""
-import sys
-
-from pipeline.common import load_params
-from pipeline.evaluate import EvaluateConfig, evaluate_pair
+from pipeline.common import require_inputs, run_stage
+from pipeline.config import EvaluateConfig, RenderConfig, load_params
+from pipeline.evaluate import evaluate_pair
 from pipeline.report import make_report
 
 
 def main(base: str, sft: str, heldout: str, mc: str, dev: str, curves: str, metrics: str, predictions: str,
          figures: str, report: str) -> None:
     cfg = load_params("evaluate", EvaluateConfig)
-    evaluate_pair(cfg, {"base": base, "sft": sft}, heldout, mc, dev, metrics, predictions)
+    on_error = load_params("render", RenderConfig).on_error  # bad held-out rows: as the render stage treats them
+    require_inputs(base, sft, heldout, mc, dev, curves)
+    evaluate_pair(cfg, {"base": base, "sft": sft}, heldout, mc, dev, metrics, predictions, on_error)
     make_report(metrics, predictions, curves, figures, report, cfg.n_report)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage("evaluate", main)

@@ -1,22 +1,20 @@
 """Stage render: conversations (a file or a folder of sources: JSONL, JSON, parquet) ->
 data/rendered/<split>.parquet (input_ids, labels, source, source_row) and the masking report (DVC metrics)."""
-import sys
-
-from pipeline.chat import RenderConfig, load_tokenizer, render_split
-from pipeline.common import atomic_dir, load_params, write_json
+from pipeline.common import atomic_dir, require_inputs, run_stage, write_json
+from pipeline.config import RenderConfig, load_params
+from pipeline.render import render_split
+from pipeline.tokenizer import load_tokenizer
 
 
 def main(tokenizer: str, train: str, dev: str, heldout: str, out: str, report: str) -> None:
-    cfg, tok = load_params("render", RenderConfig), load_tokenizer(tokenizer)
-    reports = {}
+    cfg = load_params("render", RenderConfig)
+    require_inputs(tokenizer, train, dev, heldout)
+    tok = load_tokenizer(tokenizer)
     with atomic_dir(out) as tmp:
-        for split, path in (("train", train), ("dev", dev), ("heldout", heldout)):
-            r = reports[split] = render_split(path, tok, cfg, f"{tmp}/{split}.parquet", progress=f"render {split}")
-            print(f"render {split}: read {r['rows_read']}, kept {r['rows_kept']}, dropped {r['dropped']}, "
-                  f"trained fraction {r['trained_fraction']:.3f}, "
-                  f"assistant end token trained {r['assistant_end_trained_fraction']:.3f}")
+        reports = {split: render_split(path, tok, cfg, f"{tmp}/{split}.parquet", f"render {split}")
+                   for split, path in (("train", train), ("dev", dev), ("heldout", heldout))}
     write_json(report, reports)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage("render", main)

@@ -1,8 +1,7 @@
-"""Stage synth: seed -> bundled default world: corpus.jsonl, train/dev/heldout.jsonl."""
-import sys
-
-from pipeline.common import atomic_dir, load_params
-from pipeline.synth import SynthConfig, generate
+"""Stage synth: seed -> the bundled default world: corpus.jsonl, train/dev/heldout.jsonl, mc.jsonl, world.json."""
+from pipeline.common import atomic_dir, run_stage
+from pipeline.config import SynthConfig, load_params
+from pipeline.synth import generate
 
 
 def main(out: str) -> None:
@@ -13,4 +12,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage("synth", main)

@@ -1,14 +1,22 @@
+import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from pipeline.chat import FORMATS, load_tokenizer, save_tokenizer, train_tokenizer
-from pipeline.model import ModelConfig, Transformer
+from pipeline.config import SECTIONS, ModelConfig, from_dict, read_params
+from pipeline.model import Transformer
+from pipeline.template import FORMATS
+from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CI = bool(os.environ.get("SFT_CI"))  # set by .ci/run: a test that would skip for a missing tool fails instead
 
 TEXTS = [
     "The river Osk flows through Velmora, a town founded in 1203.",
@@ -26,6 +34,42 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Say <|assistant|> and <|end|> please"},
      {"role": "assistant", "content": "<|end|> is text here"}],
 ]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test for a missing tool or an unreachable index, except in CI, where it must fail instead."""
+    if CI:
+        pytest.fail(f"{reason} (SFT_CI is set: CI must run this test)")
+    pytest.skip(reason)
+
+
+def merge(params: dict, override: dict) -> dict:
+    """Deep-merge `override` into `params` (in place); returns params."""
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(params.get(key), dict) and value:
+            merge(params[key], value)
+        else:
+            params[key] = value
+    return params
+
+
+def project_params(**override) -> dict:
+    """The project's params.yaml as a dict, deep-merged with `override` (section -> keys)."""
+    return merge(read_params(str(ROOT / "params.yaml")), override)
+
+
+def write_params(folder: Path, **override) -> dict:
+    """A complete params.yaml in `folder`: the project's, with `override` merged in."""
+    params = project_params(**override)
+    (Path(folder) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def config(section: str, **fields):
+    """A section's dataclass with the project's params.yaml values, `fields` replaced (train's lr: the top-level)."""
+    params = project_params()
+    node = params[section] | ({"lr": params["lr"]} if section == "train" else {})
+    return dataclasses.replace(from_dict(SECTIONS[section], node, section), **fields)
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +93,51 @@ def any_tok(request, tok, chatml_tok):
     return tok if request.param == "markers" else chatml_tok
 
 
+TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, max_seq_len=128, rope_theta=10000.0,
+            norm_eps=1e-5, tie_embeddings=True, init_std=0.02)
+
+
 def tiny_model(vocab_size: int, seed: int = 0, **kw) -> Transformer:
-    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, max_seq_len=128,
-                      vocab_size=vocab_size, **kw)
+    cfg = ModelConfig(**(TINY | kw), vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = Transformer(cfg)
     model.init_weights(seed)
     return model
+
+
+def labels_of(ids, mask) -> list[int]:
+    """Rendered ids and mask -> labels, as the render stage writes them (-100 where not trained)."""
+    return [i if m else -100 for i, m in zip(ids, mask)]
+
+
+def read_rendered(path: str, with_sources: bool = False):
+    """(ids, labels, source_row) of a rendered parquet, as numpy arrays per conversation (+ the source names)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    ids, labels = ([np.asarray(x, np.int32) for x in table.column(name).to_pylist()]
+                   for name in ("input_ids", "labels"))
+    rows = table.column("source_row").to_numpy()
+    if with_sources:
+        return ids, labels, rows, np.asarray(table.column("source").to_pylist(), dtype=object)
+    return ids, labels, rows
+
+
+def write_rendered(path: str, input_ids, labels, source_row, source=None, row_group_size: int = 8192,
+                   header=(2,)) -> None:
+    """A rendered parquet as the render stage writes it (header: the assistant header ids it records)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.render import RENDERED_SCHEMA
+
+    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(list(header))})
+    table = pa.table({"input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
+                      "labels": pa.array(labels, type=pa.list_(pa.int32())),
+                      "source": pa.array(source or ["data"] * len(input_ids), type=pa.string()),
+                      "source_row": pa.array(source_row, type=pa.int64())}, schema=schema)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)

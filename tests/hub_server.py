@@ -11,7 +11,8 @@ import yaml
 
 
 class HubState:
-    def __init__(self):
+    def __init__(self, token: str | None = None):
+        self.token = token  # the one token accepted (None: any bearer token)
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, lower-cased headers)
         self.lock = threading.Lock()
@@ -34,7 +35,8 @@ def _handler(state: HubState):
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
         def _authorized(self) -> bool:
-            if not self.headers.get("Authorization", "").startswith("Bearer "):
+            auth = self.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or (state.token is not None and auth != f"Bearer {state.token}"):
                 self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 return False
             return True
@@ -168,8 +170,8 @@ def _handler(state: HubState):
 class HubServer:
     """Context manager: a running server; `.url` for HF_ENDPOINT, `.state` for what it received."""
 
-    def __init__(self):
-        self.state = HubState()
+    def __init__(self, token: str | None = None):
+        self.state = HubState(token)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

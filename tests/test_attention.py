@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import pipeline.model as model_module
-from pipeline.chat import IGNORE_INDEX
-from pipeline.common import setup_compute
-from pipeline.model import doc_causal_mask, flex_available, output_loss
-from pipeline.train import TrainConfig, configure
-from tests.conftest import tiny_model
+from pipeline.common import IGNORE_INDEX, Compute, setup_compute
+from pipeline.model import doc_causal_mask, output_loss
+from pipeline.train import configure
+from tests.conftest import config, skip_or_fail, tiny_model
 
 V = 300
 
@@ -26,7 +25,7 @@ def packed_row(lengths=(7, 12, 5), pad=4, seed=0):
 def test_cpu_mask_path_equals_each_conversation_alone_forward_and_backward():
     convs, ids, pos, doc = packed_row()
     model = tiny_model(V)
-    configure(model, TrainConfig(), setup_compute("cpu", "float32"))
+    configure(model, config("train"), setup_compute("cpu", "float32"))
     assert not model.use_flex  # FlexAttention has no CPU backward: the CPU keeps SDPA with a boolean mask
     labels = torch.where(doc >= 0, ids, IGNORE_INDEX)
     loss, n = model(ids, labels, pos, doc)
@@ -49,7 +48,7 @@ def test_flex_block_mask_path_equals_dense_mask_path(monkeypatch):
     """The CUDA path's mask rule, run here with eager FlexAttention (forward works on CPU; only its backward
     and the fused kernel need CUDA): same outputs as the boolean-mask SDPA path, GQA included."""
     if model_module.flex_attention is None:
-        pytest.skip("this torch has no FlexAttention")
+        skip_or_fail("this torch has no FlexAttention")
     monkeypatch.setattr(model_module, "_flex_compiled", model_module.flex_attention)
     _, ids, pos, doc = packed_row(lengths=(40, 70, 11), pad=7)
     ids, pos, doc = ids.repeat(2, 1), pos.repeat(2, 1), doc.repeat(2, 1)
@@ -66,9 +65,44 @@ def test_flex_block_mask_path_equals_dense_mask_path(monkeypatch):
     assert torch.equal(mask.mask_mod(b, 0, q, kv), dense_rule)
 
 
-def test_flex_is_used_on_cuda_only():
-    assert not flex_available(torch.device("cpu"))
-    assert flex_available(torch.device("cuda")) == (model_module.flex_attention is not None)
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_flex_block_mask_over_several_blocks_skips_the_empty_ones(monkeypatch):
+    """A 512-token row of conversations that cross the 128-token block edges: FlexAttention's output equals the
+    SDPA path's, and its block mask holds exactly the 128x128 tiles where some query may attend to some key, so the
+    tiles of other conversations and of the future are skipped, not computed and discarded."""
+    monkeypatch.setattr(model_module, "_flex_compiled", model_module.flex_attention)  # eager: forward on the CPU
+    lengths = (100, 230, 90, 70)  # edges at 100, 330, 420, 490: three of them inside a block
+    _, ids, pos, doc = packed_row(lengths=lengths, pad=512 - sum(lengths))
+    model = tiny_model(V, max_seq_len=512).eval()
+    with torch.no_grad():
+        dense = model(ids, pos=pos, doc=doc)
+        model.use_flex = True
+        block = model(ids, pos=pos, doc=doc)
+    torch.testing.assert_close(block[doc >= 0], dense[doc >= 0], rtol=1e-4, atol=1e-5)
+    mask = model_module.flex_block_mask(doc)
+    tiles = doc_causal_mask(doc)[0, 0].reshape(4, 128, 4, 128).any(-1).any(1)  # (query block, key block)
+    assert torch.equal(mask.to_dense()[0, 0].bool(), tiles)
+    assert tiles.sum() == 8 and not tiles[3, :2].any()  # of the 10 causal tiles, (3, 0) and (3, 1) hold no pair
+    assert mask.sparsity() == pytest.approx(100 * (16 - 8) / 16)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_flex_is_configured_on_cuda_and_the_cpu_keeps_sdpa(monkeypatch):
+    """configure() turns FlexAttention on for a CUDA device (where it has a backward) and never on the CPU; with it
+    on, attention calls the compiled FlexAttention with the block mask."""
+    no_compile = config("train", compile=False)
+    model = tiny_model(V)
+    configure(model, no_compile, setup_compute("cpu", "float32"))
+    assert not model.use_flex
+    configure(model, no_compile, Compute(torch.device("cuda"), torch.bfloat16))  # no GPU is touched
+    assert model.use_flex == (model_module.flex_attention is not None)
+    calls = []
+    monkeypatch.setattr(model_module, "flex", lambda q, k, v, m: calls.append(type(m).__name__) or
+                        model_module.flex_attention(q, k, v, block_mask=m, enable_gqa=True))
+    _, ids, pos, doc = packed_row()
+    with torch.no_grad():
+        model(ids, pos=pos, doc=doc)
+    assert calls == ["BlockMask"] * model.cfg.n_layer
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])

@@ -6,11 +6,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.chat import RenderConfig, iter_conversations, read_conversations, render_split
-from tests.conftest import CONVERSATIONS
+from pipeline.data import iter_conversations
+from pipeline.render import render_split
+from tests.conftest import CONVERSATIONS, config
 
 CONV = CONVERSATIONS[2]  # user, assistant, user, assistant
 SYS_CONV = CONVERSATIONS[1]  # system, user, assistant
+
+
+def read(path: str, on_error: str):
+    """(conversations, 0-based source rows, dropped count by reason, rows read) of a file or folder."""
+    counts: dict = {}
+    items = list(iter_conversations(path, on_error, counts))
+    dropped: dict = {}
+    for c in counts.values():
+        for reason, n in c["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    return [m for _, _, m in items], [r for _, r, _ in items], dropped, sum(c["rows_read"] for c in counts.values())
 
 
 def rows_in(form: str):
@@ -37,23 +49,23 @@ def write(path, rows, fmt):
 def test_every_format_reads_to_the_same_messages(tmp_path, fmt, form):
     path = tmp_path / f"d.{fmt}"
     write(path, rows_in(form), fmt)
-    convs, rows, dropped, n_read = read_conversations(str(path), "fail")
+    convs, rows, dropped, n_read = read(str(path), "fail")
     assert convs == [CONV, SYS_CONV] and rows == [0, 1] and dropped == {} and n_read == 2
 
 
 def test_plain_prompt_completion_strings(tmp_path):
     path = tmp_path / "p.jsonl"
     write(path, [{"prompt": "What is 12 + 30?", "completion": "42"}], "jsonl")
-    (conv,), _, _, _ = read_conversations(str(path), "fail")
+    (conv,), _, _, _ = read(str(path), "fail")
     assert conv == [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}]
 
 
 def test_parquet_with_tool_calls_and_null_fields(tmp_path):
-    from tests.test_chat import TOOL_CONV
+    from tests.test_template import TOOL_CONV
 
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": TOOL_CONV[:4] + TOOL_CONV[-1:]}]), path)
-    (conv,), _, _, _ = read_conversations(str(path), "fail")  # structs get null fields; nulls read as absent
+    (conv,), _, _, _ = read(str(path), "fail")  # structs get null fields; nulls read as absent
     assert conv[2]["tool_calls"][0]["function"]["name"] == "weather" and conv[2]["content"] is None
     assert "tool_calls" not in conv[1] and conv[3]["role"] == "tool"
 
@@ -89,9 +101,9 @@ BAD_LINES = [
 def test_every_bad_row_fails_with_file_line_reason_or_is_counted(tmp_path, line, reason):
     path = tmp_path / "d.jsonl"
     path.write_text(f"{GOOD}\n{line}\n{GOOD}\n")
-    with pytest.raises(ValueError, match=rf"d\.jsonl:2: {reason}$"):
-        read_conversations(str(path), "fail")
-    convs, rows, dropped, n_read = read_conversations(str(path), "skip")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: {reason}; fix the row, or set render.on_error: skip"):
+        read(str(path), "fail")
+    convs, rows, dropped, n_read = read(str(path), "skip")
     assert convs == [CONV, CONV] and rows == [0, 2] and dropped == {reason: 1} and n_read == 3
 
 
@@ -100,14 +112,14 @@ def test_encoding_cases(tmp_path):
     # BOM on the first row, CRLF endings, invalid UTF-8 on row 3
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n" + b'{"messages": "\xff"}\n')
     with pytest.raises(ValueError, match=r"e\.jsonl:1: byte_order_mark"):
-        read_conversations(str(path), "fail")
-    convs, rows, dropped, n_read = read_conversations(str(path), "skip")
+        read(str(path), "fail")
+    convs, rows, dropped, n_read = read(str(path), "skip")
     assert rows == [1] and dropped == {"byte_order_mark": 1, "invalid_utf8": 1} and n_read == 3
     # CRLF alone is a line ending, not a change to the row: the content comes back byte for byte
     crlf = tmp_path / "c.jsonl"
     conv = [{"role": "user", "content": "line one\r\nline two"}, {"role": "assistant", "content": "ok\r\n"}]
     crlf.write_bytes((json.dumps({"messages": conv}) + "\r\n").encode() * 2)
-    convs, _, dropped, n_read = read_conversations(str(crlf), "fail")
+    convs, _, dropped, n_read = read(str(crlf), "fail")
     assert convs == [conv, conv] and n_read == 2
 
 
@@ -115,7 +127,7 @@ def test_empty_file_and_folder_of_sources(tmp_path, tok):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match=r"empty\.jsonl: empty file"):
-        read_conversations(str(empty), "fail")
+        read(str(empty), "fail")
     folder = tmp_path / "mix"
     folder.mkdir()
     (folder / "empty.jsonl").write_text("")
@@ -123,30 +135,30 @@ def test_empty_file_and_folder_of_sources(tmp_path, tok):
     write(folder / "share.jsonl", rows_in("sharegpt") + [{"conversations": []}], "jsonl")
     (folder / "notes.txt").write_text("not a source")
     with pytest.raises(ValueError, match="empty file"):
-        read_conversations(str(folder), "fail")
+        read(str(folder), "fail")
     counts = {}
     items = list(iter_conversations(str(folder), "skip", counts))
     assert [(s, r) for s, r, _ in items] == [("chat", 0), ("chat", 1), ("share", 0), ("share", 1)]
     assert counts["empty"]["empty_files"] == 1 and counts["share"]["dropped"] == {"messages_not_a_nonempty_list": 1}
-    report = render_split(str(folder), tok, RenderConfig(on_error="skip"), str(tmp_path / "r.parquet"))
+    report = render_split(str(folder), tok, config("render", on_error="skip"), str(tmp_path / "r.parquet"))
     assert report["rows_read"] == 5 == report["rows_kept"] + report["rows_dropped"] and report["empty_files"] == 1
     only_empty = tmp_path / "only"
     only_empty.mkdir()
     (only_empty / "a.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no usable conversation"):
-        render_split(str(only_empty), tok, RenderConfig(on_error="skip"), str(tmp_path / "x.parquet"))
+        render_split(str(only_empty), tok, config("render", on_error="skip"), str(tmp_path / "x.parquet"))
 
 
 def test_whole_file_errors(tmp_path):
     bad = tmp_path / "b.json"
     bad.write_text('[{"messages": []},\n oops]')
     with pytest.raises(ValueError, match=r"b\.json:2: invalid_json"):
-        read_conversations(str(bad), "skip")  # a broken JSON array has no rows to count: it fails in both modes
+        read(str(bad), "skip")  # a broken JSON array has no rows to count: it fails in both modes
     obj = tmp_path / "o.json"
     obj.write_text('{"messages": []}')
     with pytest.raises(ValueError, match="json_not_an_array"):
-        read_conversations(str(obj), "skip")
+        read(str(obj), "skip")
     with pytest.raises(ValueError, match="unsupported format"):
-        read_conversations(str(tmp_path / "x.csv"), "skip") if (tmp_path / "x.csv").write_text("a") else None
+        read(str(tmp_path / "x.csv"), "skip") if (tmp_path / "x.csv").write_text("a") else None
     with pytest.raises(ValueError, match="no such file"):
-        read_conversations(str(tmp_path / "missing.jsonl"), "skip")
+        read(str(tmp_path / "missing.jsonl"), "skip")

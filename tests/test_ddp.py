@@ -8,8 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.common import setup_compute
-from pipeline.train import TrainConfig, accumulate_gradients, init_distributed, micro_batches
-from tests.conftest import tiny_model
+from pipeline.config import TrainConfig
+from pipeline.distributed import init_distributed
+from pipeline.train import accumulate_gradients, micro_batches
+from tests.conftest import config, tiny_model
 from tests.test_resume import packed
 
 CPU = setup_compute("cpu", "float32")
@@ -42,11 +44,11 @@ def free_port() -> int:
 def test_two_gloo_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(tmp_path):
     accums = (1, 2)  # 2: the first micro-batch's backward runs under no_sync, the all-reduce on the last
     out = str(tmp_path / "ranks.pt")
-    mp.spawn(rank_gradients, args=(2, free_port(), [TrainConfig(batch_size=3, grad_accum=a) for a in accums], out),
+    mp.spawn(rank_gradients, args=(2, free_port(), [config("train", batch_size=3, grad_accum=a) for a in accums], out),
              nprocs=2, join=True)
     for two, grad_accum in zip(torch.load(out, weights_only=True), accums):
         model = tiny_model(300)
-        batches = micro_batches(packed(), TrainConfig(batch_size=6, grad_accum=grad_accum), "cpu", skip=1)
+        batches = micro_batches(packed(), config("train", batch_size=6, grad_accum=grad_accum), "cpu", skip=1)
         loss_sum, n_targets = accumulate_gradients(model, [next(batches) for _ in range(grad_accum)], CPU)
         assert two["n"] == n_targets > 0
         assert two["loss_sum"] == pytest.approx(loss_sum, rel=1e-5)

@@ -6,18 +6,27 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.chat import labels_from, load_tokenizer, render, render_prompt, save_tokenizer, train_tokenizer
 from pipeline.common import setup_compute
 from pipeline.compare import compare
 from pipeline.compare import main as compare_main
-from pipeline.evaluate import (DuringTrainConfig, EvaluateConfig, answer, bootstrap_ci, dev_prompts, distinct3,
-                               evaluate_pair, make_train_evaluator, mc_rows, normalize, option_letters, paired,
-                               score, summarize, write_parquet)
-from pipeline.model import save_model
-from pipeline.pack import PackConfig, pack, save_packed
+from pipeline.config import DuringTrainConfig
+from pipeline.evaluate import (
+    answer,
+    dev_prompts,
+    evaluate_pair,
+    make_train_evaluator,
+    mc_rows,
+    option_letters,
+    write_parquet,
+)
+from pipeline.hf import save_model
+from pipeline.metrics import bootstrap_ci, distinct3, normalize, paired, score, summarize
+from pipeline.pack import pack, save_packed
 from pipeline.report import make_report
-from pipeline.train import TrainConfig, train
-from tests.conftest import CONVERSATIONS, TEXTS, tiny_model
+from pipeline.template import layout, render, render_prompt
+from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from pipeline.train import train
+from tests.conftest import CONVERSATIONS, TEXTS, config, labels_of, tiny_model
 
 
 def test_normalize_per_spec():
@@ -44,13 +53,23 @@ def test_distinct3_catches_loops():
     assert distinct3("short") == 1.0
 
 
-def test_answer_decodes_and_reports_stopping(tok):
-    model = tiny_model(tok.get_vocab_size())
-    results = answer(model, tok, [c[:-1] for c in CONVERSATIONS], 5, 2, setup_compute("cpu", "float32"))
-    assert len(results) == len(CONVERSATIONS)
-    for text, stopped in results:
-        assert isinstance(text, str) and isinstance(stopped, bool)
-        assert "<|end|>" not in text or not stopped
+def test_answer_decodes_and_reports_stopping(tok, monkeypatch):
+    """answer() decodes what generation wrote, without the end token, says which rows stopped at it, and hands
+    each result back in the order of the prompts (it decodes them sorted by length)."""
+    import pipeline.evaluate as evaluate_module
+
+    end = tok.token_to_id("<|end|>")
+    osk, tal = (tok.encode(w, add_special_tokens=False).ids for w in (" Osk", " Mira Tal"))
+
+    def scripted(model, prompts, max_new_tokens, stop_id):  # stands in for decoding: stops on odd prompt lengths
+        assert stop_id == end
+        return [osk + [end] if len(p) % 2 else tal for p in prompts]
+
+    monkeypatch.setattr(evaluate_module, "generate", scripted)
+    prompts = [c[:-1] for c in CONVERSATIONS]
+    results = answer(None, tok, prompts, 5, 2, setup_compute("cpu", "float32"))
+    odd = [len(render_prompt(p, tok)) % 2 == 1 for p in prompts]
+    assert results == [("Osk", True) if o else ("Mira Tal", False) for o in odd] and set(odd) == {True, False}
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
@@ -106,7 +125,7 @@ def test_multiple_choice_compares_letter_logits_at_the_answer_position(letter_to
             logits = model(torch.tensor([render_prompt(q[:-1], tok)]))[0, -1]  # at <|assistant|>
         assert row["choice"] == "abc"[int(logits[letters].argmax())]
         assert row["mc_accuracy"] == float(row["choice"] == row["gold"])
-    assert {r["choice"] for r in rows} != set() and len(rows) == 6
+    assert [r["gold"] for r in rows] == list("abcabc")
     bad = [[{"role": "user", "content": "Q?\na) x\nb) y"}, {"role": "assistant", "content": "c"}]]
     with pytest.raises(ValueError, match="not one of its options"):
         mc_rows(model, tok, bad, 4, setup_compute("cpu", "float32"), "m")
@@ -134,7 +153,7 @@ def test_multi_token_letters_are_scored_by_their_summed_log_probability(tok):
 def test_dev_prompts_recover_prompt_and_gold_from_packed_rows(tok):
     rendered = [render(c, tok) for c in CONVERSATIONS]
     arrays, _ = pack([np.array(ids, np.int32) for ids, _ in rendered],
-                     [np.array(labels_from(ids, m), np.int32) for ids, m in rendered], PackConfig(block_size=128))
+                     [np.array(labels_of(ids, m), np.int32) for ids, m in rendered], config("pack", block_size=128))
     got = dev_prompts(arrays, tok, 10)
     expected = {(tuple(render_prompt(c[:-1], tok)), normalize(c[-1]["content"])) for c in CONVERSATIONS}
     assert {(tuple(p), normalize(g)) for p, g in got} == expected
@@ -153,7 +172,7 @@ def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
     mc.write_text("".join(json.dumps({"messages": c}) + "\n" for c in mcq))
     rendered = [render(c, tok) for c in CONVERSATIONS]
     arrays, _ = pack([np.array(ids, np.int32) for ids, _ in rendered],
-                     [np.array(labels_from(ids, m), np.int32) for ids, m in rendered], PackConfig(block_size=64))
+                     [np.array(labels_of(ids, m), np.int32) for ids, m in rendered], config("pack", block_size=64))
     save_packed(arrays, str(tmp_path / "dev"))
     curves = tmp_path / "curves"
     curves.mkdir()
@@ -161,7 +180,7 @@ def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
     (curves / "dev_loss.tsv").write_text("step\tdev_loss\n0\t5.5\n2\t4.1\n")
     (curves / "lr.tsv").write_text("step\tlr\n0\t1e-4\n1\t2e-4\n2\t1e-4\n")
     (curves / "gen_stopped.tsv").write_text("step\tgen_stopped\n0\t0.0\n2\t0.5\n")
-    cfg = EvaluateConfig(max_new_tokens=6, batch_size=3, n_boot=200, n_report=2)
+    cfg = config("evaluate", max_new_tokens=6, batch_size=3, n_boot=200, n_report=2)
     out = tmp_path / "out"
     metrics = evaluate_pair(cfg, folders, str(heldout), str(mc), str(tmp_path / "dev"), str(out / "metrics.json"),
                             str(out / "predictions"))
@@ -195,12 +214,12 @@ def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
 def test_train_logs_generation_metrics_and_samples_at_eval_points(tok, tmp_path):
     rendered = [render(c, tok) for c in CONVERSATIONS * 4]
     arrays, _ = pack([np.array(ids, np.int32) for ids, _ in rendered],
-                     [np.array(labels_from(ids, m), np.int32) for ids, m in rendered], PackConfig(block_size=64))
+                     [np.array(labels_of(ids, m), np.int32) for ids, m in rendered], config("pack", block_size=64))
     compute = setup_compute("cpu", "float32")
     live = tmp_path / "live"
     evaluator = make_train_evaluator(tok, arrays, DuringTrainConfig(prompts=3, max_new_tokens=4, samples=2),
                                      compute, str(live))
-    cfg = TrainConfig(max_steps=5, batch_size=2, eval_every=2, lr=1e-3)
+    cfg = config("train", max_steps=5, batch_size=2, eval_every=2, lr=1e-3)
     summary = train(cfg, tiny_model(tok.get_vocab_size()), compute, arrays, arrays, str(live), "t", evaluator)
     steps = [int(line.split("\t")[0]) for line in (live / "plots/metrics/gen_stopped.tsv").read_text().splitlines()[1:]]
     assert steps == [0, 2, 4, 5]  # every eval_every steps and at the end, like dev_loss
@@ -226,5 +245,26 @@ def test_compare_two_experiments_example_by_example(tmp_path, capsys):
     compare_main([str(a), str(b)])
     assert "contains_answer" in capsys.readouterr().out
     write_parquet(str(b), rows(["osk", "osk"]))
-    with pytest.raises(SystemExit, match="same examples"):
+    with pytest.raises(ValueError, match="same examples"):
         compare(str(a), str(b))
+
+
+def test_chatml_letters_are_scored_as_the_model_writes_them(chatml_tok):
+    """After `<|im_start|>assistant\n` the answer is written without a prefix space ("b", not " b"): multiple
+    choice scores the letters as the renderer writes an assistant answer, not as they are encoded alone."""
+    from pipeline.evaluate import written_answer
+
+    tok = chatml_tok
+    question = [{"role": "user", "content": "Q?\na) x\nb) y"}, {"role": "assistant", "content": "b"}]
+    trained_ids, mask = render(question, tok)
+    prompt, answer_ids = written_answer(question[:-1], "b", tok)
+    after_end = layout(tok).after_end  # the newline after <|im_end|>
+    assert prompt + answer_ids + [tok.token_to_id("<|im_end|>")] + after_end == trained_ids
+    assert tok.decode(answer_ids) == "b" and answer_ids != tok.encode("b", add_special_tokens=False).ids
+    model = tiny_model(tok.get_vocab_size(), seed=3, init_std=0.3).eval()
+    row = mc_rows(model, tok, [question], 4, setup_compute("cpu", "float32"), "m")[0]
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
+    by_hand = {x: float(logp[written_answer(question[:-1], x, tok)[1][0]]) for x in "ab"}
+    assert json.loads(row["letter_logprobs"]) == pytest.approx(by_hand, abs=1e-4)
+    assert row["choice"] == max(by_hand, key=by_hand.get)

@@ -7,7 +7,7 @@ import torch
 
 import pipeline.generate as generate_module
 from pipeline.generate import KVCache, Sampling, generate, pick
-from tests.conftest import tiny_model
+from tests.conftest import skip_or_fail, tiny_model
 
 STOP = 4
 PROMPTS = [[1, 40, 41, 42, 4, 2], [1, 50, 4, 2], [3, 60, 61, 4, 1, 62, 63, 64, 4, 2], [2], [1, 70, 71, 4, 2]]
@@ -106,10 +106,11 @@ def test_compile_failure_falls_back_to_eager(tok, monkeypatch):
         assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "c++")), reason="compiling needs a C++ compiler")
 def test_compiled_decoding_equals_eager(tok, monkeypatch):
     """The compiled decoding step really compiles (a fallback to eager would warn: an error here) and decodes the
     same tokens. About a minute on 2 CPU cores."""
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        skip_or_fail("compiling needs a C++ compiler")
     monkeypatch.setattr(generate_module, "_compiled_hidden", None)  # whatever an earlier test left
     model = tiny_model(tok.get_vocab_size(), seed=1, init_std=0.5).eval()
     with warnings.catch_warnings():

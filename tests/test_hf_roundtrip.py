@@ -4,13 +4,12 @@ import random
 
 import pytest
 import torch
+import transformers
 
-from pipeline.chat import END, chat_format, layout, render, render_prompt, render_text
 from pipeline.generate import generate
-from pipeline.model import save_model
+from pipeline.hf import save_model
+from pipeline.template import END, chat_format, layout, render, render_prompt, render_text
 from tests.conftest import tiny_model
-
-transformers = pytest.importorskip("transformers")
 
 WORDS = ["Velmora", "river", "mayor", "42", "1203", "the", "is", "what", "café", "naïve", "Ünïcödé", "日本語", "😀",
          "👩‍💻", "مرحبا", "Ωμέγα", "tab\there", "line\nbreak", "  spaced  ", "x=1;", "{json: true}", "a\\b", "100%"]

@@ -3,21 +3,30 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.chat import IGNORE_INDEX
-from pipeline.pack import (PackConfig, best_fit_decreasing, length_histogram, load_packed, pack, pack_rendered,
-                           read_index, read_rendered, save_packed, weighted_order, write_rendered)
+from pipeline.common import IGNORE_INDEX
+from pipeline.pack import (
+    best_fit_decreasing,
+    length_histogram,
+    load_packed,
+    pack,
+    pack_rendered,
+    read_index,
+    save_packed,
+    weighted_order,
+)
+from tests.conftest import config, read_rendered, write_rendered
 
 
-def conversations(n, seed=0, max_len=60):
+def conversations(n, seed=0, max_len=60, vocab=300):
     rng = np.random.default_rng(seed)
-    ids = [rng.integers(5, 300, rng.integers(3, max_len)).astype(np.int32) for _ in range(n)]
+    ids = [rng.integers(5, vocab, rng.integers(3, max_len)).astype(np.int32) for _ in range(n)]
     labels = [np.where(rng.random(len(x)) < 0.4, x, IGNORE_INDEX).astype(np.int32) for x in ids]
     return ids, labels
 
 
 def test_packing_loses_duplicates_and_splits_nothing():
     ids, labels = conversations(300)
-    arrays, report = pack(ids, labels, PackConfig(block_size=64))
+    arrays, report = pack(ids, labels, config("pack", block_size=64))
     seen = {}
     for r in range(len(arrays["ids"])):
         doc = arrays["doc"][r]
@@ -59,12 +68,12 @@ def test_overlong_policy_is_counted(policy):
     late = np.array([1] + [7] * 35 + [4] + [2] + [9, 4], np.int32)
     ids.append(late)
     labels.append(np.where(np.arange(40) > 37, late, IGNORE_INDEX).astype(np.int32))
-    cfg = PackConfig(block_size=32, overlong=policy)
+    cfg = config("pack", block_size=32, overlong=policy)
     if policy == "fail":
         with pytest.raises(ValueError, match="conversation 20: 40 tokens > pack.block_size=32"):
             pack(ids, labels, cfg)
         return
-    arrays, report = pack(ids, labels, cfg)
+    arrays, report = pack(ids, labels, cfg, header=(2,))  # <|assistant|>: truncation keeps the answer's head
     assert report["conversations"] == report["packed"] + report["dropped_overlong"]
     if policy == "drop":
         assert report["dropped_overlong"] == 2 and report["packed"] == 20 and 20 not in arrays["doc"]
@@ -90,7 +99,7 @@ def test_weights_repeat_and_subsample_by_seed():
     with pytest.raises(ValueError, match="unknown sources"):
         weighted_order(sources, {"z": 1.0}, seed=0)
     with pytest.raises(ValueError):
-        PackConfig(weights={"a": -1})
+        config("pack", weights={"a": -1})
 
 
 def test_report_per_source_and_memmap_output(tmp_path):
@@ -98,7 +107,7 @@ def test_report_per_source_and_memmap_output(tmp_path):
     sources = np.array(["x"] * 20 + ["y"] * 40, dtype=object)
     ids[0] = np.full(50, 9, np.int32)  # one overlong conversation in x
     labels[0] = ids[0].copy()
-    cfg = PackConfig(block_size=48)
+    cfg = config("pack", block_size=48)
     arrays, report = pack(ids, labels, cfg, sources=sources)
     x, y = report["sources"]["x"], report["sources"]["y"]
     assert x["dropped_overlong"] == 1 and y["dropped_overlong"] == 0 and x["tokens_dropped"] == 50
@@ -121,7 +130,7 @@ def test_rendered_and_packed_files_round_trip(tmp_path):
     write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], list(range(10)))
     ids2, labels2, rows = read_rendered(path)
     assert all(np.array_equal(a, b) for a, b in zip(ids, ids2)) and rows.tolist() == list(range(10))
-    arrays, _ = pack(ids2, labels2, PackConfig(block_size=64))
+    arrays, _ = pack(ids2, labels2, config("pack", block_size=64))
     save_packed(arrays, str(tmp_path / "p"))
     loaded = load_packed(str(tmp_path / "p"))
     assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)
@@ -137,7 +146,7 @@ def test_pack_rendered_streams_the_same_rows_as_pack_in_memory(tmp_path, policy)
     rows = list(range(120)) + list(range(100)) + list(range(80))
     path = str(tmp_path / "r.parquet")
     write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], rows, sources, row_group_size=64)
-    cfg = PackConfig(block_size=48, overlong=policy)
+    cfg = config("pack", block_size=48, overlong=policy)
     index = read_index(path, cfg)
     assert index.lengths.tolist() == [len(x) for x in ids] and index.sources.tolist() == sources
     order = weighted_order(index.sources, {"a": 1.5, "b": 2.0, "c": 0.5}, seed=2)
@@ -148,7 +157,7 @@ def test_pack_rendered_streams_the_same_rows_as_pack_in_memory(tmp_path, policy)
         with pytest.raises(ValueError, match=re.escape(str(e.value))):  # the same conversation is named
             pack_rendered(path, index, order, cfg, str(tmp_path / "p"))
         return
-    arrays, report = pack(*in_memory)
+    arrays, report = pack(*in_memory, header=(2,))
     for window in (None, 7):  # output rows per window: all at once, or filled 7 rows at a time
         assert pack_rendered(path, index, order, cfg, str(tmp_path / "p"), window) == report
         loaded = load_packed(str(tmp_path / "p"))
@@ -160,20 +169,17 @@ def test_pack_rendered_streams_the_same_rows_as_pack_in_memory(tmp_path, policy)
 def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok):
     import json
 
-    import yaml
-
-    from pipeline.chat import RenderConfig, render_split
+    from pipeline.render import render_split
     from stages.pack import main
-    from tests.conftest import CONVERSATIONS
+    from tests.conftest import CONVERSATIONS, write_params
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
     (src / "b.jsonl").write_text("".join(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" for _ in range(8)))
     for split in ("train", "dev"):
-        render_split(str(src), tok, RenderConfig(), str(tmp_path / "rendered" / f"{split}.parquet"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"pack": {"block_size": 64, "overlong": "drop", "seed": 1, "weights": {"a": 3.0, "b": 0.5}}}))
+        render_split(str(src), tok, config("render"), str(tmp_path / "rendered" / f"{split}.parquet"))
+    write_params(tmp_path, pack={"block_size": 64, "overlong": "drop", "seed": 1, "weights": {"a": 3.0, "b": 0.5}})
     monkeypatch.chdir(tmp_path)
     main("rendered", "packed", "pack.json", "lengths")
     report = json.loads((tmp_path / "pack.json").read_text())

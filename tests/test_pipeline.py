@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import ROOT, merge
 from tests.hub_server import HubServer
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["synth", "tokenizer", "base", "render", "pack", "train", "evaluate", "publish"]
 
 TINY = {
@@ -29,14 +29,6 @@ TINY = {
     "evaluate": {"limit": 8, "max_new_tokens": 6, "n_boot": 200, "during_train": {"prompts": 4, "max_new_tokens": 4}},
     "publish": {"min_stopped": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
 }
-
-
-def merge(params: dict, override: dict) -> None:
-    for key, value in override.items():
-        if isinstance(value, dict):
-            merge(params[key], value)
-        else:
-            params[key] = value
 
 
 def run(cmd: str, cwd: Path, extra_env: dict | None = None, ok: bool = True) -> str:
@@ -91,13 +83,20 @@ def test_second_repro_runs_nothing(repo):
     assert ran(out) == [] and "up to date" in out
 
 
-def test_lr_experiment_reruns_only_train_and_below(repo):
+def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(repo):
+    """`dvc exp run -S lr=3e-5`, exactly as users type it: DVC writes 3e-05 back to params.yaml, only train,
+    evaluate and publish rerun, the optimizer's schedule peaks at the new value, and `dvc metrics diff` shows the
+    fine-tuned model's metrics changing while the base model's do not."""
     run("git add -A && git commit -qm 'first run'", repo)
-    out = run("dvc exp run -S train.lr=3e-5", repo)
+    out = run("dvc exp run -S lr=3e-5", repo)
     assert ran(out) == ["train", "evaluate", "publish"]
-    assert "3e-05" in (repo / "params.yaml").read_text()
-    diff = run("dvc metrics diff", repo)
-    assert "reports/metrics.json" in diff or "reports/train/metrics.json" in diff
+    assert "lr: 3e-05" in (repo / "params.yaml").read_text().splitlines()
+    logged = [float(line.split("\t")[1]) for line in
+              (repo / "reports/train/plots/metrics/lr.tsv").read_text().splitlines()[1:]]
+    assert max(logged) == pytest.approx(3e-5, rel=1e-9)  # the lr that reached the optimizer
+    diff = json.loads(run("dvc metrics diff --json", repo))["reports/metrics.json"]
+    assert "sft.dev_loss" in diff and diff["sft.dev_loss"]["old"] != diff["sft.dev_loss"]["new"]
+    assert not [k for k in diff if k.startswith("base.")], "the base model did not change, nor may its metrics"
 
 
 def test_masking_policy_change_shows_in_metrics_diff(repo):

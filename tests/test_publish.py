@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.chat import render, render_text
-from pipeline.model import save_model
-from pipeline.publish import PublishConfig, check_gate, export, file_hash, model_card, push
-from tests.conftest import CONVERSATIONS, tiny_model
+from pipeline.hf import save_model
+from pipeline.publish import check_gate, export, file_hash, model_card, push
+from pipeline.template import render, render_text
+from tests.conftest import CONVERSATIONS, config, tiny_model
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +30,13 @@ def published(tok, tmp_path):
     save_model(tiny_model(tok.get_vocab_size()), tok, str(model_dir))
     (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
     (tmp_path / "train.jsonl").write_text("{}\n")
-    export(PublishConfig(model_name="tiny"), str(model_dir), str(tmp_path / "metrics.json"), str(out),
+    export(config("publish", model_name="tiny"), str(model_dir), str(tmp_path / "metrics.json"), str(out),
            {"train": {"lr": 3e-4}}, [str(tmp_path / "train.jsonl")])
     return out
 
 
 def test_exported_chat_template_renders_like_the_renderer(tok, published):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
     for conv in CONVERSATIONS:
         assert hf_tok.apply_chat_template(conv, tokenize=False) == render_text(conv)
@@ -61,18 +61,18 @@ def test_published_folder_is_complete(published, tok):
 
 def test_push_skips_with_a_reason(published, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert "repo_id is empty" in push(PublishConfig(), str(published))
-    assert "HF_TOKEN is not set" in push(PublishConfig(repo_id="me/model"), str(published))
+    assert "repo_id is empty" in push(config("publish"), str(published))
+    assert "HF_TOKEN is not set" in push(config("publish", repo_id="me/model"), str(published))
 
 
 def test_gate_refuses_a_model_that_does_not_stop():
-    check_gate(PublishConfig(min_stopped=0.9), METRICS)  # sft.stopped = 1.0 passes
+    check_gate(config("publish", min_stopped=0.9), METRICS)  # sft.stopped = 1.0 passes
     low = {"base": METRICS["base"], "sft": METRICS["sft"] | {"stopped": 0.42}}
     with pytest.raises(ValueError, match=r"sft.stopped = 0.420 is below publish.min_stopped = 0.900"):
-        check_gate(PublishConfig(min_stopped=0.9), low)
-    check_gate(PublishConfig(min_stopped=0.4), low)
+        check_gate(config("publish", min_stopped=0.9), low)
+    check_gate(config("publish", min_stopped=0.4), low)
     with pytest.raises(ValueError, match="no sft.stopped"):
-        check_gate(PublishConfig(), {"base": METRICS["base"]})
+        check_gate(config("publish"), {"base": METRICS["base"]})
 
 
 def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch
     metrics = {"base": METRICS["base"] | {"stopped_lo": 0.0, "stopped_hi": 0.1},
                "sft": METRICS["sft"] | {"stopped_lo": 0.9, "stopped_hi": 1.0}}
     save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "model"))
-    card = model_card(PublishConfig(), str(tmp_path / "model"), metrics, {}, {})
+    card = model_card(config("publish"), str(tmp_path / "model"), metrics, {}, {})
     assert "| stopped | 0.000 [0.000, 0.100] | 1.000 [0.900, 1.000] |" in card
     assert "**train**: `data/packed` abc.dir; `models/sft` def.dir" in card and "stages/train.py" not in card
     assert '"lr":0.0003' in card
@@ -125,6 +125,16 @@ def test_upload_to_a_hub_server_on_localhost(tok, tmp_path):
     assert TOKEN not in proc.stdout + proc.stderr
 
 
+def test_the_hub_rejecting_the_token_is_one_clear_line(tok, tmp_path):
+    with HubServer(token="hf_the_right_one") as hub:
+        proc = publish_stage(tmp_path, tok, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN})
+    assert proc.returncode == 1 and not hub.state.repos  # nothing created
+    assert proc.stderr.splitlines() == [f"publish: the Hub at {hub.url} refused the upload to tester/tiny-chat (HTTP "
+                                        "401); check HF_TOKEN: it must be a write token of the repo's owner; the "
+                                        "exported folder is intact"]
+    assert TOKEN not in proc.stdout + proc.stderr and (tmp_path / "out/model.safetensors").exists()
+
+
 def test_upload_without_network_fails_fast_and_clearly(tok, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -149,7 +159,7 @@ def test_a_base_model_from_a_hub_repo_id(tok, tmp_path):
     """Publish to the local Hub server, then name it as a base model: hf://org/name downloads it."""
     with HubServer() as hub:
         assert publish_stage(tmp_path, tok, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}).returncode == 0
-        code = ("import sys; from pipeline.sources import resolve_model; from pipeline.model import load_model; "
+        code = ("import sys; from pipeline.sources import resolve_model; from pipeline.hf import load_model; "
                 "folder = resolve_model('hf://tester/tiny-chat', sys.argv[1]); print(folder); load_model(folder)")
         clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work")], capture_output=True, text=True,

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL after a checkpoint and rerun ends with the same weights, bit for bit,
 as a run never interrupted; a checkpoint from other params or other data is refused."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline.common import setup_compute
-from pipeline.model import save_model
-from pipeline.pack import PackConfig, pack, save_packed
-from pipeline.train import TrainConfig, train
-from tests.conftest import tiny_model
+from pipeline.hf import save_model
+from pipeline.pack import pack, save_packed
+from pipeline.train import train
+from tests.conftest import config, tiny_model, write_params
 from tests.test_pack import conversations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ TRAIN = {"max_steps": 40, "batch_size": 8, "save_every": 4, "eval_every": 10, "l
 
 def packed(n=120, block=64, seed=0):
     ids, labels = conversations(n, seed=seed, max_len=50)
-    return pack(ids, labels, PackConfig(block_size=block))[0]
+    return pack(ids, labels, config("pack", block_size=block))[0]
 
 
 @pytest.fixture
@@ -41,8 +41,8 @@ def workdir(tmp_path, tok):
 
 def stage(workdir: Path, name: str, train: dict, **popen):
     # evaluate.during_train: the train stage reads it (generation on dev prompts); off here, it has its own tests
-    during = {"during_train": {"prompts": 0, "samples": 0}}
-    (workdir / "params.yaml").write_text(yaml.safe_dump({"train": train, "evaluate": during}))
+    train = dict(train)
+    write_params(workdir, lr=train.pop("lr"), train=train, evaluate={"during_train": {"prompts": 0, "samples": 0}})
     cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{name}", f"reports/{name}", f"ckpt/{name}"]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -94,7 +94,7 @@ def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(wor
 
 def test_resume_in_process_is_exact_and_stale_checkpoints_are_refused(tmp_path, capsys):
     data = packed()
-    cfg = TrainConfig(max_steps=6, batch_size=8, save_every=2, lr=1e-3, device="cpu")
+    cfg = config("train", max_steps=6, batch_size=8, save_every=2, lr=1e-3, device="cpu")
     whole = tiny_model(300)
     train(cfg, whole, CPU, data, None, ckpt_dir=str(tmp_path))  # leaves the step-4 checkpoint behind
     assert torch.load(tmp_path / "resume.pt", weights_only=True)["step"] == 4
@@ -104,20 +104,46 @@ def test_resume_in_process_is_exact_and_stale_checkpoints_are_refused(tmp_path, 
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     fresh = {}
-    for name, changed_cfg, changed_data in (("lr", TrainConfig(**{**vars(cfg), "lr": 2e-3}), data),
-                                            ("data", cfg, packed(seed=5))):
-        model = tiny_model(300)
+    for name, changed_cfg, changed_data, seed in (("lr", dataclasses.replace(cfg, lr=2e-3), data, 0),
+                                                  ("data", cfg, packed(seed=5), 0),
+                                                  ("init", cfg, data, 1)):  # other starting weights
+        model = tiny_model(300, seed=seed)
         train(changed_cfg, model, CPU, changed_data, None, ckpt_dir=str(tmp_path / name))  # the reference
-        model = tiny_model(300)
+        model = tiny_model(300, seed=seed)
         (tmp_path / name / "resume.pt").write_bytes((tmp_path / "resume.pt").read_bytes())  # a stale checkpoint
         capsys.readouterr()
         train(changed_cfg, model, CPU, changed_data, None, ckpt_dir=str(tmp_path / name))
-        assert "refusing it and starting fresh" in capsys.readouterr().out
+        assert "refusing it and starting fresh" in capsys.readouterr().out, name
         fresh[name] = model
     reference = tiny_model(300)
-    train(TrainConfig(**{**vars(cfg), "lr": 2e-3, "save_every": 0}), reference, CPU, data, None)
+    train(dataclasses.replace(cfg, lr=2e-3, save_every=0), reference, CPU, data, None)
     for a, b in zip(reference.state_dict().values(), fresh["lr"].state_dict().values()):
         assert torch.equal(a, b)  # the refused checkpoint left no trace
+
+
+def test_checkpoints_of_another_process_count_or_cut_short_are_refused(tmp_path, capsys):
+    from pipeline.train import fingerprint
+
+    data = packed()
+    cfg = config("train", max_steps=6, batch_size=8, save_every=2, lr=1e-3, device="cpu")
+    reference = tiny_model(300)
+    train(dataclasses.replace(cfg, save_every=0), reference, CPU, data, None)
+    train(cfg, tiny_model(300), CPU, data, None, ckpt_dir=str(tmp_path / "made"))  # leaves the step-4 checkpoint
+    good = (tmp_path / "made/resume.pt").read_bytes()
+    state = torch.load(tmp_path / "made/resume.pt", weights_only=True)
+    assert state["fingerprint"] == fingerprint(cfg, tiny_model(300), data, 1)
+    state["fingerprint"] = fingerprint(cfg, tiny_model(300), data, 2)  # the same run on two processes
+    (tmp_path / "two").mkdir()
+    torch.save(state, tmp_path / "two/resume.pt")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut/resume.pt").write_bytes(good[: len(good) // 2])  # a copy cut short
+    for name, said in (("two", "refusing it and starting fresh"), ("cut", "is unreadable")):
+        model = tiny_model(300)
+        capsys.readouterr()
+        train(cfg, model, CPU, data, None, ckpt_dir=str(tmp_path / name))
+        assert said in capsys.readouterr().out, name
+        for a, b in zip(reference.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b), name  # started fresh: the same weights as a run with no checkpoint
 
 
 class PoisonedAfter(torch.nn.Module):
@@ -139,7 +165,7 @@ class PoisonedAfter(torch.nn.Module):
 
 def test_watchdog_stops_after_max_bad_steps_with_the_last_checkpoint_holding_good_weights(tmp_path, capsys):
     model = PoisonedAfter(5)  # steps 0..4 train, 5.. are non-finite
-    cfg = TrainConfig(max_steps=20, batch_size=8, save_every=2, max_bad_steps=3, lr=1e-3, device="cpu")
+    cfg = config("train", max_steps=20, batch_size=8, save_every=2, max_bad_steps=3, lr=1e-3, device="cpu")
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         train(cfg, model, CPU, packed(), None, ckpt_dir=str(tmp_path))
     assert capsys.readouterr().out.count("non-finite") == 3  # steps 5, 6, 7

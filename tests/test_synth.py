@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synth import TEMPLATES, SynthConfig, generate
+from pipeline.synth import TEMPLATES, generate
+from tests.conftest import config
 
 SMALL = dict(n_towns=6, n_people=12, n_regions=3, n_rivers=3, n_syllables=20, docs_per_entity=3, n_arith_docs=5,
-             n_train=300, n_dev=40, n_heldout=40)
+             n_train=300, n_dev=40, n_heldout=40, n_mc_train=0)
 FILES = ("corpus.jsonl", "train.jsonl", "dev.jsonl", "heldout.jsonl", "world.json")
 MARKERS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 ARITH = re.compile(r"\d+ (\+|-|plus|minus) \d+")
@@ -20,7 +21,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    counts = generate(SynthConfig(**SMALL), str(out))
+    counts = generate(config("synth", **SMALL), str(out))
     splits = {s: read_jsonl(out / f"{s}.jsonl") for s in ("train", "dev", "heldout")}
     corpus = [d["text"] for d in read_jsonl(out / "corpus.jsonl")]
     return counts, splits, corpus, json.loads((out / "world.json").read_text()), out
@@ -32,8 +33,8 @@ def users(conv: dict) -> list[str]:
 
 def test_deterministic(data, tmp_path):
     out = data[4]
-    generate(SynthConfig(**SMALL), str(tmp_path / "again"))
-    generate(SynthConfig(**{**SMALL, "seed": 1}), str(tmp_path / "other"))
+    generate(config("synth", **SMALL), str(tmp_path / "again"))
+    generate(config("synth", **SMALL | {"seed": 1}), str(tmp_path / "other"))
     for f in FILES:
         assert (tmp_path / "again" / f).read_bytes() == (out / f).read_bytes(), f
         assert (tmp_path / "other" / f).read_bytes() != (out / f).read_bytes(), f
@@ -112,7 +113,7 @@ def test_task_mix(data):
 ])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
-        SynthConfig(**bad)
+        config("synth", **bad)
 
 
 def mc_fact(question: str, world: dict) -> tuple[str, str]:
@@ -126,7 +127,7 @@ def mc_fact(question: str, world: dict) -> tuple[str, str]:
 
 def test_multiple_choice_split(data, tmp_path):
     _, splits, _, world, out = data
-    counts = generate(SynthConfig(**SMALL, n_mc=30, n_mc_train=20), str(tmp_path))
+    counts = generate(config("synth", **SMALL | dict(n_mc=30, n_mc_train=20)), str(tmp_path))
     assert counts["mc"] == 30 and counts["train"] == 300 + 20
     for f in ("corpus.jsonl", "dev.jsonl", "heldout.jsonl"):  # the MC stream leaves the other files alone
         assert (tmp_path / f).read_bytes() == (out / f).read_bytes(), f

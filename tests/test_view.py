@@ -1,7 +1,7 @@
 import json
 import re
 
-from pipeline.chat import save_tokenizer
+from pipeline.tokenizer import save_tokenizer
 from pipeline.view import GREEN, RED, RESET, main, sample
 from tests.conftest import CONVERSATIONS
 

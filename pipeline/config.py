@@ -1,0 +1,358 @@
+"""params.yaml -> one dataclass per section, strictly: a missing or unknown key, a value of the wrong type and every
+failed check are reported together, naming the key. No field has a default: params.yaml is the one place a value
+is written (its comments document them). No torch here, so loading params is cheap."""
+import dataclasses
+import math
+import typing
+
+import yaml
+
+from pipeline.common import UserError
+
+PARAMS_FILE = "params.yaml"
+CHAT_FORMATS = ("markers", "chatml")  # pipeline/template.py defines them
+TRAIN_ON = ("all_assistant", "last_assistant", "everything")
+SYNTH_TASKS = ("fact", "passage", "arith", "multi")
+MAX_SYLLABLES = 100  # onsets x vowels of pipeline/synth.py
+TOP_LEVEL = {"lr": "train"}  # top-level keys of params.yaml, each the value of a key of this section
+
+
+class ParamError(UserError):
+    """Every problem found in a section, each `key=value why` (or `key: why`)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def require(cfg, rules: dict[str, tuple[bool, str]]) -> None:
+    """rules: key -> (holds, what the value must be). Raises one ParamError listing every rule that fails."""
+    bad = [f"{key}={getattr(cfg, key)!r} {why}" for key, (ok, why) in rules.items() if not ok]
+    if bad:
+        raise ParamError(bad)
+
+
+def _coerce(value, kind, key: str):
+    """A scalar as its declared type, or a problem. DVC writes `-S lr=3e-5` as '3e-05', which YAML reads as a
+    string, so numbers and booleans written as strings are read back; 1 is a float, a float is never an int."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            return None, f"{key}={value!r} must be a number ({kind.__name__})"
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if kind is float and type(value) is int:
+        value = float(value)
+    if kind in (int, float, str, bool, dict) and type(value) is not kind:
+        return None, f"{key}={value!r} must be {'a mapping' if kind is dict else kind.__name__}"
+    if kind is float and not math.isfinite(value):
+        return None, f"{key}={value!r} must be finite"
+    return value, None
+
+
+def from_dict(cls, section, where: str):
+    """Build dataclass `cls` from a mapping; raises ParamError naming every missing, unknown or mistyped key and
+    every failed check (nested sections included), each as `where.key`."""
+    if not isinstance(section, dict):
+        raise ParamError([f"{where}: must be a mapping of keys, got {section!r}"])
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [f"{where}.{k}: unknown key (known: {', '.join(names)})" for k in section if k not in names]
+    problems += [f"{where}.{k}: missing" for k in names if k not in section]
+    kwargs = {}
+    for key in names:
+        if key not in section:
+            continue
+        if dataclasses.is_dataclass(hints[key]):
+            try:
+                kwargs[key] = from_dict(hints[key], section[key], f"{where}.{key}")
+            except ParamError as e:
+                problems += e.problems
+            continue
+        kwargs[key], problem = _coerce(section[key], hints[key], f"{where}.{key}")
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ParamError(problems)
+    try:
+        return cls(**kwargs)
+    except ParamError as e:
+        raise ParamError([f"{where}.{p}" for p in e.problems]) from None
+
+
+def read_params(path: str = PARAMS_FILE) -> dict:
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; run from the project folder (the one with dvc.yaml)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: expected a mapping of sections")
+    return params
+
+
+def load_params(section: str, cls, path: str = PARAMS_FILE):
+    """One section of params.yaml (`evaluate.during_train` for a nested one) as its dataclass. The SFT learning
+    rate is the top-level `lr`, which users sweep as `dvc exp run -S lr=3e-5`: it fills train's `lr`."""
+    params = read_params(path)
+    node, where = params, []
+    for part in section.split("."):
+        where.append(part)
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"{path}: section {'.'.join(where)} is missing; add it (see the project's params.yaml)")
+        node = node[part]
+    extra = {key: params[key] for key, owner in TOP_LEVEL.items() if owner == section and key in params}
+    clash = [key for key in extra if isinstance(node, dict) and key in node]
+    missing = [key for key, owner in TOP_LEVEL.items() if owner == section and key not in params]
+    problems = [f"{section}.{k}: the {section} section takes it from the top-level `{k}` of params.yaml "
+                f"(`dvc exp run -S {k}=...`); remove {section}.{k}" for k in clash]
+    problems += [f"{k}: missing at the top of params.yaml" for k in missing]
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
+    try:
+        return from_dict(cls, node | extra if isinstance(node, dict) else node, section)
+    except ParamError as e:  # a top-level key is named as the user writes it: `lr`, not `train.lr`
+        own = tuple(f"{section}.{k}{sep}" for k in extra for sep in "=:")
+        problems = [p.removeprefix(f"{section}.") if p.startswith(own) else p for p in e.problems]
+        raise UserError(f"{path}: " + "; ".join(problems)) from None
+
+
+# ---- the sections -------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SynthConfig:
+    seed: int  # one seed for the world, the held-out split, the corpus and the conversations
+    n_towns: int  # towns in the world (5 facts each)
+    n_people: int  # people in the world (5 facts each); the first n_towns are the mayors
+    n_regions: int  # region names shared by the towns
+    n_rivers: int  # river names shared by the towns
+    n_syllables: int  # syllables (of 100) that names are built from; names are 2 syllables + an optional coda
+    docs_per_entity: int  # corpus documents per town and per person, each restating all its facts
+    docs_per_group: int  # corpus documents listing the towns of each region and each river
+    n_arith_docs: int  # corpus documents of worked sums and differences
+    n_reading_docs: int  # corpus documents describing an invented entity, then asking about it
+    corpus_question_frac: float  # chance that a corpus sentence is phrased as question + answer
+    heldout_frac: float  # fraction of (entity, attribute) facts asked about only in heldout.jsonl
+    n_train: int  # conversations in train.jsonl
+    n_dev: int  # conversations in dev.jsonl (same distribution as train, none identical to one)
+    n_heldout: int  # conversations in heldout.jsonl (held-out facts, fresh passages and sums)
+    frac_fact: float  # closed-book single question about a world fact
+    frac_passage: float  # question answered from a passage about an invented entity in the user turn
+    frac_arith: float  # a + b or a - b
+    frac_multi: float  # 2..max_turns follow-up questions about the same (or a linked) entity
+    max_turns: int  # most user/assistant exchanges in a multi-turn conversation
+    system_frac: float  # fraction of conversations that begin with a system message
+    arith_max: int  # operands are drawn from 0..arith_max; differences are never negative
+    n_mc: int  # multiple-choice questions in mc.jsonl (options a-d, gold = a letter) about known facts
+    n_mc_train: int  # multiple-choice conversations added to train.jsonl, about other known facts than mc.jsonl
+
+    def __post_init__(self):
+        fracs = ("corpus_question_frac", "heldout_frac", "system_frac") + tuple(f"frac_{t}" for t in SYNTH_TASKS)
+        lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
+                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0, n_mc=0, n_mc_train=0)
+        n_names = self.n_towns + self.n_regions + self.n_rivers + 3 * self.n_people  # first, last and pet names
+        rules = {k: (0.0 <= getattr(self, k) <= 1.0, "must be in [0, 1]") for k in fracs}
+        rules |= {k: (getattr(self, k) >= low, f"must be at least {low}") for k, low in lows.items()}
+        rules["frac_multi"] = (rules["frac_multi"][0] and abs(sum(getattr(self, f"frac_{t}") for t in SYNTH_TASKS)
+                                                              - 1.0) < 1e-6,
+                               "must be in [0, 1], and frac_fact + frac_passage + frac_arith + frac_multi sum to 1")
+        rules["n_people"] = (self.n_people >= self.n_towns, f"must be >= n_towns={self.n_towns}: every town needs a "
+                                                            "mayor")
+        # room for unique, prefix-free names and for passage names
+        rules["n_syllables"] = (2 <= self.n_syllables <= MAX_SYLLABLES and self.n_syllables ** 2 >= 3 * n_names,
+                                f"must be in [2, {MAX_SYLLABLES}] with n_syllables**2 >= {3 * n_names} "
+                                f"(3 x the {n_names} names)")
+        held = round(self.heldout_frac * 5 * (self.n_towns + self.n_people))
+        rules["heldout_frac"] = (0.0 <= self.heldout_frac <= 0.8 and (held >= 1 or not self.n_heldout),
+                                 "must be in [0, 0.8] and hold out at least one fact when n_heldout > 0")
+        require(self, rules)
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    vocab_size: int  # byte-level BPE vocabulary, chat markers included
+    chat_format: str  # markers | chatml | auto: the base.init_from tokenizer's own, else markers
+
+    def __post_init__(self):
+        require(self, {"vocab_size": (self.vocab_size >= 256 + 6, "must be >= 262 (256 bytes + chat markers)"),
+                       "chat_format": (self.chat_format in ("auto", *CHAT_FORMATS),
+                                       f"must be auto or one of {', '.join(CHAT_FORMATS)}")})
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    n_layer: int  # transformer blocks
+    n_embd: int  # hidden width
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads (grouped-query attention); divides n_head
+    intermediate_size: int  # SwiGLU hidden width
+    max_seq_len: int  # max_position_embeddings written to config.json
+    rope_theta: float  # RoPE base
+    norm_eps: float  # RMSNorm epsilon
+    tie_embeddings: bool  # share input embedding and output layer
+    init_std: float  # weight init standard deviation
+    vocab_size: int  # 0: taken from the tokenizer when the model is built
+
+    def __post_init__(self):
+        positive = ("n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "max_seq_len")
+        rules = {k: (getattr(self, k) >= 1, "must be >= 1") for k in positive}
+        if not any(getattr(self, k) < 1 for k in positive):
+            rules["n_embd"] = (self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
+                               f"must be n_head={self.n_head} times an even head size (RoPE)")
+            rules["n_kv_head"] = (self.n_head % self.n_kv_head == 0, f"must divide n_head={self.n_head}")
+        rules |= {"rope_theta": (self.rope_theta > 0, "must be > 0"), "norm_eps": (self.norm_eps > 0, "must be > 0"),
+                  "init_std": (self.init_std > 0, "must be > 0"), "vocab_size": (self.vocab_size >= 0, "must be >= 0")}
+        require(self, rules)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+DEVICES, DTYPES = ("auto", "cpu", "cuda"), ("auto", "bfloat16", "float32")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int  # data order seed
+    lr: float  # peak learning rate (SFT: the top-level `lr` of params.yaml)
+    min_lr_frac: float  # cosine floor, as a fraction of lr
+    warmup_frac: float  # linear warmup, as a fraction of all steps
+    epochs: float  # passes over the packed rows (ignored when max_steps > 0)
+    max_steps: int  # optimizer steps; 0: derived from epochs
+    batch_size: int  # packed rows per micro-batch, per process
+    grad_accum: int  # micro-batches per optimizer step
+    weight_decay: float  # AdamW decay, matrices only
+    beta1: float
+    beta2: float
+    eps: float
+    grad_clip: float  # max global gradient norm (the pre-clip norm is logged)
+    eval_every: int  # steps between dev-loss evaluations
+    log_every: int  # steps between log lines when stdout is not a terminal
+    max_bad_steps: int  # consecutive non-finite steps before the run stops
+    save_every: int  # steps between resume checkpoints; 0: none
+    nproc: int  # processes (GPUs) on this machine; > 1 relaunches the stage under torchrun (DDP)
+    compile: bool  # torch.compile the blocks on CUDA (fixed shapes); CPU always runs eager
+    activation_checkpointing: bool  # recompute blocks in backward: less memory, ~30% more compute
+    loss_chunk: int  # trained positions per output-layer chunk in the loss; 0: all at once
+    device: str  # auto | cpu | cuda
+    dtype: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | bfloat16 | float32
+    wandb_project: str  # set to log to W&B too (mode from WANDB_MODE; default offline)
+
+    def __post_init__(self):
+        at_least_1 = ("batch_size", "grad_accum", "eval_every", "log_every", "max_bad_steps", "nproc")
+        rules = {k: (getattr(self, k) >= 1, "must be >= 1") for k in at_least_1}
+        rules |= {k: (getattr(self, k) >= 0, "must be >= 0") for k in ("save_every", "loss_chunk", "weight_decay")}
+        rules |= {
+            "lr": (self.lr > 0, "must be > 0"),
+            "min_lr_frac": (0 <= self.min_lr_frac <= 1, "must be in [0, 1]"),
+            "warmup_frac": (0 <= self.warmup_frac < 1, "must be in [0, 1)"),
+            "max_steps": (self.max_steps >= 0, "must be >= 0 (0: from epochs)"),
+            "epochs": (self.max_steps > 0 or self.epochs > 0, "must be > 0 when max_steps is 0"),
+            "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)"), "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)"),
+            "eps": (self.eps > 0, "must be > 0"), "grad_clip": (self.grad_clip > 0, "must be > 0"),
+            "device": (self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+            "dtype": (self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (float16 needs loss scaling)"),
+        }
+        require(self, rules)
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    seed: int  # weight-init seed of the bundled base model
+    init_from: str  # instead of pretraining: a model folder, a .gguf file or hf://org/name (pipeline/sources.py)
+    block_size: int  # tokens per packed pretraining row
+    corpus_eval_rows: int  # corpus rows on which an imported model's loss is measured (0: all of them)
+    pretrain: TrainConfig  # pretraining hyperparameters (its own lr)
+
+    def __post_init__(self):
+        require(self, {"block_size": (self.block_size >= 8, "must be >= 8"),
+                       "corpus_eval_rows": (self.corpus_eval_rows >= 0, "must be >= 0 (0: all)")})
+
+
+@dataclasses.dataclass
+class RenderConfig:
+    on_error: str  # a malformed row: fail (file:line: reason) | skip (dropped and counted by reason)
+    train_on: str  # trained turns: all_assistant | last_assistant | everything (ablations)
+    batch_size: int  # conversations per encode_batch call and per parquet row group
+
+    def __post_init__(self):
+        require(self, {"on_error": (self.on_error in ("fail", "skip"), "must be fail or skip"),
+                       "train_on": (self.train_on in TRAIN_ON, f"must be one of {', '.join(TRAIN_ON)}"),
+                       "batch_size": (self.batch_size >= 1, "must be >= 1")})
+
+
+@dataclasses.dataclass
+class PackConfig:
+    block_size: int  # tokens per packed row
+    overlong: str  # longer than block_size: drop | truncate (the tail of the last assistant turn) | fail
+    seed: int  # the weighted, shuffled order of the train conversations
+    weights: dict  # train source -> weight (repeat/subsample); absent: 1
+
+    def __post_init__(self):
+        bad = []
+        for name, w in self.weights.items():
+            if isinstance(w, str):  # `dvc exp run -S +pack.weights.a=3e-5` writes 3e-05, which YAML reads as a string
+                try:
+                    w = self.weights[name] = float(w)
+                except ValueError:
+                    pass
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+                bad.append(name)
+        require(self, {"block_size": (self.block_size >= 8, "must be >= 8"),
+                       "overlong": (self.overlong in ("drop", "truncate", "fail"), "must be drop, truncate or fail"),
+                       "weights": (not bad, f"must map each source to a number >= 0 (not so for {bad})")})
+
+
+@dataclasses.dataclass
+class DuringTrainConfig:
+    prompts: int  # dev conversations answered at every train.eval_every (generation metrics logged); 0: off
+    max_new_tokens: int  # generation budget per answer during training
+    samples: int  # of those, the first N answers are written as samples (samples.jsonl, samples.md)
+
+    def __post_init__(self):
+        require(self, {"prompts": (self.prompts >= 0, "must be >= 0"),
+                       "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                       "samples": (0 <= self.samples <= max(0, self.prompts), "must be in [0, prompts]")})
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    mc: str  # multiple-choice conversations (options `a) ...` in the user turn, gold letter)
+    max_new_tokens: int  # generation budget per answer
+    batch_size: int  # prompts decoded together
+    limit: int  # evaluate the first N held-out conversations (and N multiple-choice questions); 0: all
+    n_boot: int  # bootstrap resamples for the 95% intervals
+    seed: int  # bootstrap seed
+    n_report: int  # held-out prompts shown side by side (base, sft) in the Markdown report
+    device: str  # auto | cpu | cuda
+    dtype: str  # auto | bfloat16 | float32
+    during_train: DuringTrainConfig  # read by the train stage
+
+    def __post_init__(self):
+        require(self, {"max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                       "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                       "limit": (self.limit >= 0, "must be >= 0 (0: all)"),
+                       "n_boot": (self.n_boot >= 100, "must be >= 100"),
+                       "n_report": (self.n_report >= 0, "must be >= 0"),
+                       "device": (self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+                       "dtype": (self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")})
+
+
+@dataclasses.dataclass
+class PublishConfig:
+    repo_id: str  # Hugging Face Hub repo, e.g. user/tiny-chat; empty: export only, no upload
+    private: bool  # create the Hub repo as private
+    model_name: str  # name shown in the model card
+    min_stopped: float  # refuse to publish when the fine-tuned model ends fewer held-out answers than this
+
+    def __post_init__(self):
+        require(self, {"min_stopped": (0.0 <= self.min_stopped <= 1.0, "must be in [0, 1]"),
+                       "repo_id": (not self.repo_id or self.repo_id.count("/") == 1, "must be user/name or empty")})
+
+
+SECTIONS = {"synth": SynthConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "base": BaseConfig,
+            "render": RenderConfig, "pack": PackConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+            "publish": PublishConfig}
