@@ -6,7 +6,7 @@ import numpy as np
 
 from pipeline.common import UserError, print0, setup_compute
 from pipeline.config import BaseConfig, ModelConfig, PackConfig
-from pipeline.data import read_corpus
+from pipeline.corpus import read_corpus
 from pipeline.hf import load_model, save_model
 from pipeline.model import Transformer
 from pipeline.pack import pack

@@ -51,9 +51,8 @@ def init_distributed(compute: Compute) -> tuple[int, int, Compute]:
     return world, dist.get_rank(), compute
 
 
-def all_reduce_sum(x: float, device, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of `t` over all ranks (in place); `t` itself on one process. Queued on the device: no host wait."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t

@@ -15,18 +15,24 @@ try:  # FlexAttention (torch >= 2.5): the packed-row mask as a block mask, fused
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch: the SDPA path below is used everywhere
     BlockMask = create_block_mask = flex_attention = None
-_flex_compiled = None
+_flex_compiled = None  # flex_attention under torch.compile, made by enable_flex() outside any traced region
+FLEX_BLOCK = 128  # FlexAttention's block size: query and key tiles of 128 tokens
 
 
 def flex_available(device: torch.device) -> bool:
     return flex_attention is not None and device.type == "cuda"
 
 
-def flex(q, k, v, block_mask):
-    """FlexAttention, compiled once (eager flex_attention is a slow reference implementation)."""
+def enable_flex() -> None:
+    """Make the compiled FlexAttention once, here and not lazily inside a compiled block, where torch.compile(fn)
+    would be traced as a no-op and could leave the eager reference (which builds the full score matrix) behind."""
     global _flex_compiled
     if _flex_compiled is None:
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q, k, v, block_mask):
+    assert _flex_compiled is not None, "call pipeline.model.enable_flex() first (train.configure does)"
     return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -53,8 +59,11 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
 
 
 def apply_rope(x, cos, sin):
+    """Rotate x by the RoPE tables; the result keeps x's dtype. Under bf16 autocast q and k are bf16 while the
+    tables are fp32 (they come from the fp32 embedding output): without the cast q and k would reach attention in
+    fp32 next to a bf16 v, which FlexAttention refuses (torch < 2.11) or runs in fp32."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -130,14 +139,35 @@ def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
 
 
 def flex_block_mask(doc: torch.Tensor):
-    """The same rule as doc_causal_mask as a FlexAttention BlockMask: blocks of 128x128 that are fully masked
-    (another conversation, or the future) are skipped by the kernel, not computed and discarded."""
+    """The same rule as doc_causal_mask as a FlexAttention BlockMask: tiles of 128x128 that are fully masked
+    (another conversation, or the future) are skipped by the kernel, not computed and discarded; tiles inside one
+    conversation, below the diagonal, are full (no mask evaluated). Built from the conversations' spans in a few
+    small tensor operations on the device, with no host sync (create_block_mask would evaluate the rule on every
+    (query, key) pair of the row); rows whose length is not a multiple of 128 take create_block_mask."""
     B, T = doc.shape
 
     def same_conversation_causal(b, h, q, kv):
         return (doc[b, q] == doc[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_conversation_causal, B, None, T, T, device=doc.device)
+    if T % FLEX_BLOCK:
+        return create_block_mask(same_conversation_causal, B, None, T, T, device=doc.device)
+    n = T // FLEX_BLOCK
+    # a conversation is a run of equal doc values; seg numbers the runs of a row (padding, -1, is the last run)
+    seg = F.pad((doc[:, 1:] != doc[:, :-1]).cumsum(1), (1, 0)).view(B, n, FLEX_BLOCK)
+    lo, hi = seg[..., 0], seg[..., -1]  # (B, n): the first and last run in each tile
+    tile = torch.arange(n, device=doc.device)
+    before = tile[None, :] < tile[:, None]  # (query tile, key tile): the key tile is in the past
+    # a past key tile shares a run with the query tile exactly when its last run reaches the query tile's first
+    some = (before | torch.eye(n, dtype=torch.bool, device=doc.device)) & (hi[:, None, :] >= lo[:, :, None])
+    one_run = lo == hi
+    full = before & one_run[:, None, :] & one_run[:, :, None] & (lo[:, None, :] == lo[:, :, None])
+
+    def listed(m):  # (B, n, n) bool -> (count, indices first) per query tile, with the head axis FlexAttention wants
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    return BlockMask.from_kv_blocks(*listed(some & ~full), *listed(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_conversation_causal)
 
 
 def attention_mask(doc: torch.Tensor, use_flex: bool):
@@ -171,6 +201,14 @@ def shift_targets(labels: torch.Tensor, doc: torch.Tensor | None) -> torch.Tenso
     return targets
 
 
+def trained_targets(labels: torch.Tensor, doc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(at, targets): the flat positions of (B, T) whose shifted target is trained, and those targets. Made on the
+    CPU with the batch (pipeline/train.py: to_batch), it spares the GPU step the sync that boolean indexing costs."""
+    targets = shift_targets(labels, doc).flatten()
+    at = (targets != IGNORE_INDEX).nonzero()[:, 0]
+    return at, targets[at]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,6 +224,7 @@ class Transformer(nn.Module):
         self.use_flex = False  # FlexAttention block mask instead of a dense boolean mask (CUDA)
         self.loss_chunk = 0  # output-layer rows per loss chunk; 0: one piece
         self.checkpointing = False  # recompute each block in backward (activation checkpointing)
+        self.compiled_blocks: list = []  # compile_blocks(): the blocks under torch.compile (a list: no submodules)
 
     def init_weights(self, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -198,34 +237,42 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
+    def compile_blocks(self) -> None:
+        """Forward passes without a KV cache (training, dev loss) run through each block compiled with fixed shapes
+        (packed rows all have block_size tokens); generation keeps the plain blocks, so decoding, whose lengths
+        change at every step, never recompiles them nor spends the recompile limit the training graphs need."""
+        self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
+
     def hidden(self, ids, pos, mask, cache=None):
         x = self.embed(ids)
         if cache is None:
             cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         else:  # generation: rows of the table the cache computed once (the same elementwise formula)
             cos, sin = cache.cos[pos][:, None], cache.sin[pos][:, None]
-        for i, block in enumerate(self.blocks):
+        blocks = self.compiled_blocks if cache is None and self.compiled_blocks else self.blocks
+        for i, block in enumerate(blocks):
             if self.checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
-    def forward(self, ids, labels=None, pos=None, doc=None):
-        """ids (B, T). Without labels: logits (B, T, V). With labels (B, T), -100 where not trained:
-        (sum of fp32 cross-entropies over trained targets, number of trained targets)."""
+    def forward(self, ids, labels=None, pos=None, doc=None, at=None, targets=None):
+        """ids (B, T). Without labels: logits (B, T, V). With labels (B, T), -100 where not trained (or with `at`
+        and `targets` from trained_targets(labels, doc), made ahead): (sum of fp32 cross-entropies over the
+        trained targets, their number)."""
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
         mask = None if doc is None else attention_mask(doc, self.use_flex)
         h = self.hidden(ids, pos, mask)
-        if labels is None:
+        if labels is None and at is None:
             return self.lm_head(h).float()
-        targets = shift_targets(labels, doc)
-        sel = targets != IGNORE_INDEX
+        if at is None:
+            at, targets = trained_targets(labels, doc)
         # the output layer runs only where a target is trained, in chunks; cross-entropy in fp32
-        loss_sum = output_loss(h[sel], self.lm_head.weight, targets[sel], self.loss_chunk)
-        return loss_sum, sel.sum()
+        loss_sum = output_loss(h.flatten(0, 1).index_select(0, at), self.lm_head.weight, targets, self.loss_chunk)
+        return loss_sum, at.numel()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

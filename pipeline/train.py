@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.common import IGNORE_INDEX, Compute, atomic_file, is_rank0, print0
+from pipeline.common import Compute, atomic_file, is_rank0, print0
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_sum, init_distributed
-from pipeline.model import Transformer, flex_available, shift_targets
+from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
 from pipeline.pack import ARRAYS
 
 
@@ -58,9 +58,38 @@ def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def to_batch(arrays: dict, rows, device) -> tuple:
-    """(ids, labels, pos, doc) int64 tensors for the given row numbers of packed arrays."""
-    return tuple(torch.from_numpy(np.asarray(arrays[k][rows], dtype=np.int64)).to(device) for k in ARRAYS)
+@dataclasses.dataclass
+class Batch:
+    """Packed rows on the device, with what the step needs to know made ahead on the CPU: the trained positions and
+    their targets (trained_targets: no boolean indexing, so no host sync, in the loss) and the token counts."""
+    ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 where not trained
+    pos: torch.Tensor  # (B, T) position in its conversation
+    doc: torch.Tensor  # (B, T) conversation index, -1 for padding
+    at: torch.Tensor  # (N,) flat positions of (B, T) whose shifted target is trained
+    targets: torch.Tensor  # (N,) those targets
+    n_targets: int  # N: this micro-batch's share of the loss denominator
+    n_tokens: int  # tokens that are not padding
+
+    def inputs(self) -> tuple:
+        """The model's arguments: model(*batch.inputs()) -> (loss sum, trained targets)."""
+        return self.ids, self.labels, self.pos, self.doc, self.at, self.targets
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, without waiting (the copy queues behind the
+    running step, and the host goes on preparing the next batch)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_batch(arrays: dict, rows, device) -> Batch:
+    """The given row numbers of packed arrays as a Batch on `device`."""
+    ids, labels, pos, doc = (torch.from_numpy(np.asarray(arrays[k][rows], dtype=np.int64)) for k in ARRAYS)
+    at, targets = trained_targets(labels, doc)  # on the CPU, before the copy
+    return Batch(*(to_device(t, device) for t in (ids, labels, pos, doc, at, targets)), n_targets=len(at),
+                 n_tokens=int((doc >= 0).sum()))
 
 
 def batch_rows(n_rows: int, cfg: TrainConfig, world: int = 1, rank: int = 0, skip: int = 0):
@@ -88,37 +117,36 @@ def micro_batches(arrays: dict, cfg: TrainConfig, device, world: int = 1, rank: 
 def evaluate_loss(model: Transformer, arrays: dict, batch_size: int, compute: Compute) -> float:
     """Mean cross-entropy per trained target over all rows (a sum over tokens, not a mean of batch means)."""
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=compute.device), 0
     n_rows = len(arrays["ids"])
     for start in range(0, n_rows, batch_size):
-        ids, labels, pos, doc = to_batch(arrays, range(start, min(n_rows, start + batch_size)), compute.device)
+        batch = to_batch(arrays, range(start, min(n_rows, start + batch_size)), compute.device)
         with compute.autocast():
-            loss_sum, n = model(ids, labels, pos, doc)
-        total += loss_sum.item()
-        count += int(n)
-    return total / max(1, count)
+            loss_sum, n = model(*batch.inputs())
+        total += loss_sum
+        count += n
+    return total.item() / max(1, count)  # one read at the end
 
 
-def count_targets(micro: list) -> int:
-    """Trained targets after the shift, over all micro-batches of the step: the loss denominator."""
-    return sum(int((shift_targets(labels, doc) != IGNORE_INDEX).sum()) for _, labels, _, doc in micro)
-
-
-def accumulate_gradients(model, micro: list, compute: Compute, world: int = 1) -> tuple[float, int]:
+def accumulate_gradients(model, micro: list[Batch], compute: Compute, world: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward over this rank's micro-batches of one optimizer step. Each summed cross-entropy is divided by
     the step's trained-target count over all micro-batches and all ranks (times world, since DDP averages
     gradients over ranks), so every token weighs the same however the step is split. Under DDP the gradient
-    all-reduce runs once, on the last micro-batch. Returns the global (loss sum, target count)."""
-    n_targets = int(all_reduce_sum(count_targets(micro), compute.device, world))
-    loss_sum = 0.0
-    for i, (ids, labels, pos, doc) in enumerate(micro):
+    all-reduce runs once, on the last micro-batch. Returns the global (loss sum, target count) as device tensors:
+    nothing here waits for the device, the caller reads them once per step."""
+    n_targets = torch.tensor(float(sum(b.n_targets for b in micro)), dtype=torch.float64)  # counted on the CPU
+    n_targets = all_reduce_sum(to_device(n_targets, compute.device), world)
+    scale = (world / n_targets.clamp(min=1)).float()  # clamp: a fully masked step gives zero, not NaN
+    loss_sum = torch.zeros((), dtype=torch.float64, device=compute.device)
+    for i, batch in enumerate(micro):
         sync = world == 1 or i == len(micro) - 1
         with contextlib.nullcontext() if sync else model.no_sync():
             with compute.autocast():
-                part, _ = model(ids, labels, pos, doc)
-            (part * world / max(1, n_targets)).backward()  # max(1, .): a fully masked step gives zero, not NaN
-        loss_sum += part.item()
-    return all_reduce_sum(loss_sum, compute.device, world), n_targets
+                part, _ = model(*batch.inputs())
+            (part * scale).backward()
+        loss_sum += part.detach()
+    return all_reduce_sum(loss_sum, world), n_targets
 
 
 def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
@@ -154,15 +182,17 @@ def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
 
 # ---- speed ----------------------------------------------------------------------------------------------------
 def configure(model: Transformer, cfg: TrainConfig, compute: Compute) -> None:
-    """CUDA: FlexAttention block mask, blocks compiled with fixed shapes (packed rows all have block_size
-    tokens), TF32 (setup_compute). Everywhere: chunked output-layer loss, optional activation checkpointing.
-    The CPU keeps SDPA with a boolean mask (FlexAttention has no CPU backward) and eager mode."""
+    """CUDA: FlexAttention block mask (compiled here, once), blocks compiled with fixed shapes for the forward
+    passes of training (packed rows all have block_size tokens; generation keeps the plain blocks), TF32
+    (setup_compute). Everywhere: chunked output-layer loss, optional activation checkpointing. The CPU keeps SDPA
+    with a boolean mask (FlexAttention has no CPU backward) and eager mode."""
     model.loss_chunk = cfg.loss_chunk
     model.checkpointing = cfg.activation_checkpointing
     model.use_flex = flex_available(compute.device)
+    if model.use_flex:
+        enable_flex()
     if compute.device.type == "cuda" and cfg.compile:
-        for block in model.blocks:
-            block.compile(dynamic=False)
+        model.compile_blocks()
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
@@ -185,11 +215,13 @@ def fingerprint(cfg: TrainConfig, model: Transformer, arrays: dict, world: int) 
 
 
 def rng_state() -> dict:
+    """This process's generators: CPU, numpy, Python and its own CUDA device's (not every visible GPU's: a resume
+    on a machine with fewer GPUs must not look for generators it does not have)."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                                                       *np_state[2:]),
             "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -197,8 +229,12 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # checkpoints written before: one state per visible GPU; ours is the current one's
+        i = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -265,6 +301,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     tty = sys.stdout.isatty()
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not tty or rank != 0, dynamic_ncols=True)
     t_start = time.time()
+    upcoming = [next(batches) for _ in range(cfg.grad_accum)] if start < n_steps else []
     for step in range(start, n_steps + 1):
         last_step = step == n_steps
         if dev_data is not None and rank == 0 and (step % cfg.eval_every == 0 or last_step):
@@ -276,12 +313,19 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             break
         t0 = time.time()
         model.train()
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        micro = upcoming
         loss_sum, n_targets = accumulate_gradients(ddp_model, micro, compute, world)
+        n_tokens = all_reduce_sum(to_device(torch.tensor(float(sum(b.n_tokens for b in micro)),
+                                                         dtype=torch.float64), device), world)
         lr = lr_at(step, cfg, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # the next step's rows go to the device while it works on this one (nothing above waited for it)
+        upcoming = [next(batches) for _ in range(cfg.grad_accum)] if step + 1 < n_steps else []
+        # the step's one read of the device: the skip decision and the log line need these four numbers
+        loss_sum, n_targets, grad_norm, n_tokens = torch.stack([loss_sum, n_targets, grad_norm.double(),
+                                                                n_tokens]).tolist()
         loss = loss_sum / max(1, n_targets)
         if math.isfinite(loss) and math.isfinite(grad_norm):  # the same on every rank: both are global
             optimizer.step()
@@ -299,7 +343,6 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                                    "optimizer": optimizer.state_dict(), "rng": rng_state()})
         if bad_in_row:
             continue
-        n_tokens = all_reduce_sum(sum(int((doc >= 0).sum()) for _, _, _, doc in micro), device, world)
         dt = time.time() - t0
         tok_s = n_tokens / max(1e-9, dt)
         log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "skipped_steps": skipped}, step)

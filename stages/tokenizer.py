@@ -2,7 +2,7 @@
 model's tokenizer, which must speak the format asked for)."""
 from pipeline.common import atomic_dir, require_inputs, run_stage
 from pipeline.config import BaseConfig, TokenizerConfig, load_params
-from pipeline.data import read_corpus
+from pipeline.corpus import read_corpus
 from pipeline.sources import IMPORT_DIR, resolve_model
 from pipeline.tokenizer import make_tokenizer, save_tokenizer
 

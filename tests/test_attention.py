@@ -134,3 +134,43 @@ def test_model_loss_with_chunks_and_activation_checkpointing_matches_plain():
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-4)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_under_bf16_autocast_q_k_v_reach_flex_attention_in_one_dtype(monkeypatch):
+    """bf16 autocast as on CUDA, with the FlexAttention path forced on (forward only on the CPU): RoPE must not
+    turn the bf16 q and k back into fp32 next to a bf16 v (FlexAttention refuses mixed dtypes on torch < 2.11 and
+    runs attention in fp32 on newer ones); the output matches the SDPA path within bf16 tolerance."""
+    seen = []
+
+    def spy(q, k, v, block_mask):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return model_module.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    monkeypatch.setattr(model_module, "flex", spy)
+    bf16 = setup_compute("cpu", "bfloat16")
+    _, ids, pos, doc = packed_row(lengths=(100, 90, 60), pad=6)  # 256 tokens: two blocks
+    model = tiny_model(V, max_seq_len=256).eval()
+    with torch.no_grad(), bf16.autocast():
+        sdpa = model(ids, pos=pos, doc=doc)
+        model.use_flex = True
+        flex = model(ids, pos=pos, doc=doc)
+    assert seen == [(torch.bfloat16,) * 3] * model.cfg.n_layer
+    torch.testing.assert_close(flex[doc >= 0], sdpa[doc >= 0], rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        fp32 = model(ids, pos=pos, doc=doc)  # outside autocast everything stays fp32
+    assert seen[-1] == (torch.float32,) * 3 and torch.allclose(fp32[doc >= 0], sdpa[doc >= 0].float(), atol=0.1)
+
+
+def test_flex_compiled_once_outside_any_traced_region(monkeypatch):
+    """The compiled FlexAttention is made by enable_flex (configure calls it), never lazily from inside a compiled
+    block; flex() without it is a bug, said as such."""
+    monkeypatch.setattr(model_module, "_flex_compiled", None)
+    q = torch.zeros(1, 1, 128, 8)
+    with pytest.raises(AssertionError, match="enable_flex"):
+        model_module.flex(q, q, q, None)
+    model_module.enable_flex()
+    made = model_module._flex_compiled
+    assert made is not None and made is not model_module.flex_attention
+    model_module.enable_flex()
+    assert model_module._flex_compiled is made  # once

@@ -29,7 +29,8 @@ def rank_gradients(rank: int, world: int, port: int, cfgs: list[TrainConfig], ou
         batches = micro_batches(packed(), cfg, compute.device, world, rank, skip=1)  # the second optimizer step
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         loss_sum, n_targets = accumulate_gradients(ddp, micro, compute, world)
-        results.append({"grads": [p.grad for p in model.parameters()], "loss_sum": loss_sum, "n": n_targets})
+        results.append({"grads": [p.grad for p in model.parameters()], "loss_sum": float(loss_sum),
+                        "n": float(n_targets)})
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
@@ -50,7 +51,7 @@ def test_two_gloo_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(tmp_
         model = tiny_model(300)
         batches = micro_batches(packed(), config("train", batch_size=6, grad_accum=grad_accum), "cpu", skip=1)
         loss_sum, n_targets = accumulate_gradients(model, [next(batches) for _ in range(grad_accum)], CPU)
-        assert two["n"] == n_targets > 0
-        assert two["loss_sum"] == pytest.approx(loss_sum, rel=1e-5)
+        assert two["n"] == float(n_targets) > 0
+        assert two["loss_sum"] == pytest.approx(float(loss_sum), rel=1e-5)
         for a, p in zip(two["grads"], model.parameters()):
             torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)

@@ -173,3 +173,29 @@ def test_watchdog_stops_after_max_bad_steps_with_the_last_checkpoint_holding_goo
     assert state["step"] == 6 and state["skipped"] == 1
     for name, t in model.state_dict().items():  # the skipped steps changed nothing; the checkpoint holds it
         assert torch.isfinite(t).all() and torch.equal(state["model"][name], t), name
+
+
+def test_rng_state_holds_this_process_cuda_generator_only_and_restores_on_fewer_gpus(monkeypatch):
+    """A checkpoint keeps the generator of the process's own GPU, not one per visible GPU; and a checkpoint of the
+    old form (one per GPU of a bigger machine) restores on a machine with fewer GPUs (CUDA faked on the CPU)."""
+    from pipeline.train import rng_state, set_rng_state
+
+    calls = []
+    fake = torch.tensor([7], dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(state))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every visible GPU's generator"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restores every GPU's"))
+    state = rng_state()
+    assert state["cuda"] is fake  # one tensor: this process's device
+    set_rng_state(state)
+    assert calls == [fake]
+    eight = [torch.tensor([g], dtype=torch.uint8) for g in range(8)]  # written on an 8-GPU machine
+    set_rng_state(state | {"cuda": eight})
+    assert calls[-1] is eight[0]  # this process is on device 0: its own generator, no IndexError
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    set_rng_state(state | {"cuda": eight[:2]})  # device 3, but the checkpoint held 2: nothing to restore
+    assert len(calls) == 2

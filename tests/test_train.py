@@ -57,7 +57,7 @@ def test_one_batch_of_8_equals_four_micro_batches_of_2():
     # the trap it guards against: averaging micro-batch means weights tokens unequally, and differs here
     model = tiny_model(300)
     for r in split:
-        loss_sum, n_micro = model(*to_batch(arrays, r, "cpu"))
+        loss_sum, n_micro = model(*to_batch(arrays, r, "cpu").inputs())
         (loss_sum / n_micro / len(split)).backward()
     assert any(not torch.allclose(a, p.grad, rtol=1e-3, atol=1e-6) for a, p in zip(grads[0], model.parameters()))
 
@@ -132,3 +132,45 @@ def test_bf16_autocast_on_the_cpu_tracks_fp32(tok, tmp_path):
     letters = [mc_rows(model, tok, questions, 8, c, "m") for c in (CPU, bf16)]
     for a, b in zip(*letters):
         assert json.loads(b["letter_logprobs"]) == pytest.approx(json.loads(a["letter_logprobs"]), abs=0.05)
+
+
+def test_generation_between_training_steps_never_recompiles_the_training_graphs(tok):
+    """The blocks compiled as configure() compiles them on CUDA (here on the CPU): a training step, then decoding
+    as the evaluator does during training (KV cache, a new length at every step), then another training step. The
+    compiled graphs do not grow after the first step: decoding runs the plain blocks, and training keeps its
+    graph (compiling the blocks in place used to recompile at every decoding step until the recompile limit, and
+    training then ran eager)."""
+    import os
+    import shutil
+
+    import torch._dynamo as dynamo
+
+    from pipeline.generate import generate
+    from tests.conftest import skip_or_fail
+
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        skip_or_fail("compiling needs a C++ compiler")
+    dynamo.reset()
+    model = tiny_model(tok.get_vocab_size())
+    model.compile_blocks()
+    micro = [to_batch(packed_rows(), range(4), "cpu")]
+
+    def training_step():
+        model.train()
+        loss, _ = accumulate_gradients(model, micro, CPU)
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    graphs = lambda: dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    training_step()
+    after_training = graphs()
+    assert after_training > 0  # the blocks really compiled (one graph may serve all of them)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13] * 9]
+    with torch.no_grad():
+        eager = generate(model, prompts, 12, stop_id=-1)
+    assert graphs() == after_training, "decoding went through the compiled blocks"
+    model.compiled_blocks, compiled = [], model.compiled_blocks
+    assert generate(model, prompts, 12, stop_id=-1) == eager  # the same tokens as with no compiled blocks at all
+    model.compiled_blocks = compiled
+    training_step()
+    assert graphs() == after_training, "the second training step recompiled"
