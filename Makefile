@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV)/bin)
 TORCH ?= $(shell $(BIN)/python -c "import torch" >/dev/null 2>&1 || echo torch==2.13.0)
 RUN := PATH="$(BIN):$$PATH" DVC_NO_ANALYTICS=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: repro test gpu-check bench-deps clean-venv
+.PHONY: repro test test-quick gpu-check bench-deps clean-venv
 
 $(VENV)/.deps: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ repro: $(VENV)/.deps
 
 test: $(VENV)/.test-deps
 	$(RUN) python -m pytest -q
+
+# the inner loop: everything but the tests marked slow (real DVC runs, torchrun, compilers)
+test-quick: $(VENV)/.test-deps
+	$(RUN) python -m pytest -q -m "not slow"
 
 # the CUDA path, one command (bench/gpu_check.py): every check on a GPU machine, the CPU subset elsewhere
 gpu-check: $(VENV)/.deps

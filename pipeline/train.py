@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.common import Compute, atomic_file, is_rank0, print0
+from pipeline.common import Compute, UserError, atomic_file, is_rank0, print0
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_sum, init_distributed
 from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
@@ -289,7 +289,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             steps = [None] * world
             dist.all_gather_object(steps, start)
             if len(set(steps)) > 1:
-                raise RuntimeError(f"{desc}: ranks disagree on the resume step {steps}; is {ckpt} on shared storage?")
+                raise UserError(f"ranks disagree on the resume step {steps}; put {ckpt.parent} on storage every "
+                                "machine shares, or delete it to start fresh")
     configure(model, cfg, compute)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batches = micro_batches(train_data, cfg, device, world, rank, skip=start * cfg.grad_accum)

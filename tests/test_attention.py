@@ -43,6 +43,16 @@ def test_cpu_mask_path_equals_each_conversation_alone_forward_and_backward():
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def assert_flex_equals_sdpa(model, ids, pos, doc) -> None:
+    """The model's logits on real tokens are the same through FlexAttention (eager, forward) as through SDPA."""
+    with torch.no_grad():
+        model.use_flex = False
+        dense = model(ids, pos=pos, doc=doc)
+        model.use_flex = True
+        block = model(ids, pos=pos, doc=doc)
+    torch.testing.assert_close(block[doc >= 0], dense[doc >= 0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without")
 def test_flex_block_mask_path_equals_dense_mask_path(monkeypatch):
     """The CUDA path's mask rule, run here with eager FlexAttention (forward works on CPU; only its backward
@@ -53,12 +63,7 @@ def test_flex_block_mask_path_equals_dense_mask_path(monkeypatch):
     _, ids, pos, doc = packed_row(lengths=(40, 70, 11), pad=7)
     ids, pos, doc = ids.repeat(2, 1), pos.repeat(2, 1), doc.repeat(2, 1)
     doc[1] = torch.where(doc[1] >= 0, 2 - doc[1], -1)  # a second row with other conversation numbers
-    model = tiny_model(V).eval()
-    with torch.no_grad():
-        dense = model(ids, pos=pos, doc=doc)
-        model.use_flex = True
-        block = model(ids, pos=pos, doc=doc)
-    torch.testing.assert_close(block[doc >= 0], dense[doc >= 0], rtol=1e-4, atol=1e-5)
+    assert_flex_equals_sdpa(tiny_model(V).eval(), ids, pos, doc)
     mask = model_module.flex_block_mask(doc)
     dense_rule = doc_causal_mask(doc)[:, 0]
     b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(128), torch.arange(128), indexing="ij")
@@ -73,12 +78,7 @@ def test_flex_block_mask_over_several_blocks_skips_the_empty_ones(monkeypatch):
     monkeypatch.setattr(model_module, "_flex_compiled", model_module.flex_attention)  # eager: forward on the CPU
     lengths = (100, 230, 90, 70)  # edges at 100, 330, 420, 490: three of them inside a block
     _, ids, pos, doc = packed_row(lengths=lengths, pad=512 - sum(lengths))
-    model = tiny_model(V, max_seq_len=512).eval()
-    with torch.no_grad():
-        dense = model(ids, pos=pos, doc=doc)
-        model.use_flex = True
-        block = model(ids, pos=pos, doc=doc)
-    torch.testing.assert_close(block[doc >= 0], dense[doc >= 0], rtol=1e-4, atol=1e-5)
+    assert_flex_equals_sdpa(tiny_model(V, max_seq_len=512).eval(), ids, pos, doc)
     mask = model_module.flex_block_mask(doc)
     tiles = doc_causal_mask(doc)[0, 0].reshape(4, 128, 4, 128).any(-1).any(1)  # (query block, key block)
     assert torch.equal(mask.to_dense()[0, 0].bool(), tiles)

@@ -106,6 +106,7 @@ def test_compile_failure_falls_back_to_eager(tok, monkeypatch):
         assert generate(model, PROMPTS, 12, STOP, compile=True) == eager
 
 
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager(tok, monkeypatch):
     """The compiled decoding step really compiles (a fallback to eager would warn: an error here) and decodes the
     same tokens. About a minute on 2 CPU cores."""

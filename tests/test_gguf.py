@@ -109,6 +109,7 @@ def test_own_chatml_format_renders_like_the_models_own_template(gguf_file, conve
     assert trained.count(2) == 2 and tok.decode(trained, skip_special_tokens=True) == "42, café.7"
 
 
+@pytest.mark.slow
 def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     """`base.init_from: model.gguf` and nothing else changed: the real 135M model is converted, fine-tuned for a few
     steps on the CPU in its own ChatML format with the right masks, evaluated and exported for transformers."""

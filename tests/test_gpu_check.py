@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_cpu_subset():
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})

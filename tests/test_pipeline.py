@@ -16,6 +16,8 @@ import yaml
 from tests.conftest import ROOT, merge
 from tests.hub_server import HubServer
 
+pytestmark = pytest.mark.slow  # real DVC runs of every stage: `make test-quick` leaves them out
+
 STAGES = ["synth", "tokenizer", "base", "render", "pack", "train", "evaluate", "publish"]
 
 TINY = {

@@ -55,6 +55,7 @@ def finish(proc) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_rerun_gives_bit_identical_weights(workdir):
     finish(stage(workdir, "whole", TRAIN))
     victim = stage(workdir, "killed", TRAIN)
@@ -75,6 +76,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bit_identical_weights(workd
     assert not ckpt.exists()  # served its purpose once the model folder is written
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(workdir):
     short = TRAIN | {"max_steps": 3, "save_every": 0}
     finish(stage(workdir, "one", short))
