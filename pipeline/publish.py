@@ -54,8 +54,10 @@ def eval_table(metrics: dict) -> str:
 
 
 def lock_provenance(lock_path: str = "dvc.lock") -> str:
-    """What DVC recorded for the stages that made the model: input and output hashes (code files left out) and
-    params. Empty when there is no dvc.lock (a stage run by hand)."""
+    """What DVC recorded for the stages that made the model: the hashes of their data and model inputs and outputs
+    (code files and reports/ left out: training curves hold timings, which differ from run to run while the data
+    and the weights do not, so two identical runs publish identical folders) and params. Empty when there is no
+    dvc.lock (a stage run by hand)."""
     if not Path(lock_path).exists():
         return ""
     stages = (yaml.safe_load(Path(lock_path).read_text()) or {}).get("stages", {})
@@ -65,7 +67,7 @@ def lock_provenance(lock_path: str = "dvc.lock") -> str:
         if not stage:
             continue
         files = [f"`{d['path']}` {d.get('md5', '?')}" for d in stage.get("deps", []) + stage.get("outs", [])
-                 if not d["path"].endswith(".py")]
+                 if not d["path"].endswith(".py") and not d["path"].startswith("reports/")]
         params = stage.get("params", {}).get("params.yaml", {})
         lines.append(f"- **{name}**: " + "; ".join(files))
         if params:

@@ -79,7 +79,7 @@ def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch
     lock = {"schema": "2.0", "stages": {"train": {
         "cmd": "python -m stages.train", "params": {"params.yaml": {"train": {"lr": 3e-4}}},
         "deps": [{"path": "data/packed", "md5": "abc.dir"}, {"path": "stages/train.py", "md5": "code"}],
-        "outs": [{"path": "models/sft", "md5": "def.dir"}]}}}
+        "outs": [{"path": "models/sft", "md5": "def.dir"}, {"path": "reports/train/metrics.json", "md5": "timing"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     monkeypatch.chdir(tmp_path)
     metrics = {"base": METRICS["base"] | {"stopped_lo": 0.0, "stopped_hi": 0.1},
@@ -87,7 +87,8 @@ def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch
     save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "model"))
     card = model_card(config("publish"), str(tmp_path / "model"), metrics, {}, {})
     assert "| stopped | 0.000 [0.000, 0.100] | 1.000 [0.900, 1.000] |" in card
-    assert "**train**: `data/packed` abc.dir; `models/sft` def.dir" in card and "stages/train.py" not in card
+    assert "**train**: `data/packed` abc.dir; `models/sft` def.dir\n" in card and "stages/train.py" not in card
+    assert "timing" not in card  # the reports hold timings: two identical runs publish identical folders
     assert '"lr":0.0003' in card
 
 
