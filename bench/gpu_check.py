@@ -29,9 +29,9 @@ import torch._dynamo as dynamo
 
 import pipeline.model as model_module
 from pipeline.common import setup_compute
-from pipeline.config import ModelConfig, PackConfig, TrainConfig, load_params
+from pipeline.config import PackConfig, TrainConfig, load_params
 from pipeline.generate import generate
-from pipeline.model import Transformer
+from pipeline.model import Architecture, Transformer
 from pipeline.pack import pack
 from pipeline.train import accumulate_gradients, configure, make_optimizer, to_batch, train
 
@@ -44,8 +44,9 @@ BLOCK = 512  # tokens per packed row: four FlexAttention tiles
 
 def small_model(seed: int = 0) -> Transformer:
     width = 256 if CUDA else 64  # the CPU compiles and runs a smaller one
-    cfg = ModelConfig(n_layer=2, n_embd=width, n_head=4, n_kv_head=2, intermediate_size=2 * width, max_seq_len=BLOCK,
-                      rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, init_std=0.02, vocab_size=1024)
+    cfg = Architecture(n_layer=2, n_embd=width, n_head=4, n_kv_head=2, head_dim=width // 4, intermediate_size=2 * width,
+                       max_seq_len=BLOCK, vocab_size=1024, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
+                       init_std=0.02)
     torch.manual_seed(seed)
     model = Transformer(cfg)
     model.init_weights(seed)

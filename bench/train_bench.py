@@ -33,6 +33,9 @@ CONFIGS = {  # name: (model, block_size, batch_size, device)
             "cpu"),
     "124m": (dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, intermediate_size=2048, vocab_size=32768), 1024,
              16, "cuda"),
+    # a Qwen2-shaped model (biases on q, k, v) of ~100M parameters: `--configs 100m-qwen2` (not run by default)
+    "100m-qwen2": (dict(n_layer=10, n_embd=640, n_head=10, n_kv_head=2, intermediate_size=3456, vocab_size=32768,
+                        family="qwen2"), 256, 8, "cpu"),
 }
 WARMUP, STEPS = 3, 10
 
@@ -88,8 +91,8 @@ def peak_memory(device: str) -> float:
 
 def run_ours(name: str) -> dict:
     from pipeline.common import setup_compute
-    from pipeline.config import ModelConfig, PackConfig, TrainConfig, load_params
-    from pipeline.model import Transformer
+    from pipeline.config import PackConfig, TrainConfig, load_params
+    from pipeline.model import Architecture, Transformer
     from pipeline.pack import pack
     from pipeline.train import accumulate_gradients, configure, make_optimizer, micro_batches
 
@@ -101,8 +104,10 @@ def run_ours(name: str) -> dict:
     # the project's SFT settings (params.yaml), with the benchmark's batch, lr and device
     cfg = dataclasses.replace(load_params("train", TrainConfig), batch_size=batch, grad_accum=1, lr=1e-4,
                               device=device)
-    model = Transformer(ModelConfig(**m, max_seq_len=block, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True,
-                                    init_std=0.02))
+    shape = {k: v for k, v in m.items() if k != "family"}
+    model = Transformer(Architecture(**shape, head_dim=m["n_embd"] // m["n_head"], max_seq_len=block,
+                                     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, init_std=0.02,
+                                     qkv_bias=m.get("family") == "qwen2"))
     model.init_weights(0)
     model.to(compute.device)
     configure(model, cfg, compute)
@@ -137,7 +142,7 @@ def run_trl(name: str) -> dict:
     vocab = {f"t{i}": i for i in range(m["vocab_size"])}
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
                                                pad_token="t0", eos_token="t2", unk_token="t1")
-    config = transformers.LlamaConfig(
+    config = (transformers.Qwen2Config if m.get("family") == "qwen2" else transformers.LlamaConfig)(
         vocab_size=m["vocab_size"], hidden_size=m["n_embd"], intermediate_size=m["intermediate_size"],
         num_hidden_layers=m["n_layer"], num_attention_heads=m["n_head"], num_key_value_heads=m["n_kv_head"],
         max_position_embeddings=block, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
@@ -194,7 +199,8 @@ def main() -> None:
         print(json.dumps((run_ours if a.child == "ours" else run_trl)(a.configs)))
         return
     cuda = torch.cuda.is_available()
-    names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items() if (c[3] == "cuda") == cuda]
+    names = a.configs.split(",") if a.configs else [n for n, c in CONFIGS.items() if (c[3] == "cuda") == cuda
+                                                     and "family" not in c[0]]
     device = CONFIGS[names[0]][3]
     if device == "cuda" and not cuda:
         raise SystemExit("the 124m configuration needs a CUDA GPU")

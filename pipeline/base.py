@@ -1,14 +1,12 @@
 """The base stage's work: the base model folder, pretrained from scratch on the corpus (the bundled default) or
 imported from base.init_from (a model folder, a GGUF file or a Hub repo) with its loss on the corpus measured."""
-import dataclasses
-
 import numpy as np
 
 from pipeline.common import UserError, print0, setup_compute
 from pipeline.config import BaseConfig, ModelConfig, PackConfig
 from pipeline.corpus import read_corpus
-from pipeline.hf import load_model, save_model
-from pipeline.model import Transformer
+from pipeline.hf import copy_model, load_model, save_model, save_options
+from pipeline.model import Architecture, Transformer
 from pipeline.pack import pack
 from pipeline.sources import IMPORT_DIR, resolve_model
 from pipeline.tokenizer import load_tokenizer
@@ -49,10 +47,12 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
         loss = evaluate_loss(model.to(compute.device), sample, cfg.pretrain.batch_size, compute)
         log({"corpus_loss": loss, "corpus_rows": n}, 0)
         close()
-    else:
-        model = Transformer(dataclasses.replace(model_cfg, vocab_size=tok.get_vocab_size()))
-        model.init_weights(cfg.seed)
-        train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir)
+        if out is not None:
+            copy_model(folder, tok, out)  # as it came: its config, dtype and shards
+        return
+    model = Transformer(Architecture.from_params(model_cfg, tok.get_vocab_size()))
+    model.init_weights(cfg.seed)
+    train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir)
     if out is not None:  # rank 0
-        save_model(model.cpu(), tok, out)
+        save_model(model.cpu(), tok, out, **save_options(cfg.pretrain))
         clear_checkpoint(ckpt_dir)

@@ -33,7 +33,7 @@ class Chat:
     def prompt_ids(self) -> list[int]:
         """The conversation rendered up to the assistant header; the oldest exchanges are dropped (the system message
         is kept) while it does not fit the model's context with room for the answer."""
-        limit = self.model.cfg.max_seq_len - self.max_new_tokens
+        limit = self.model.arch.max_seq_len - self.max_new_tokens
         ids = render_prompt(self.messages, self.tok)
         while len(ids) > limit:
             first = 1 if self.messages[0]["role"] == "system" else 0

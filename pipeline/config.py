@@ -212,6 +212,7 @@ class ModelConfig:
 
 
 DEVICES, DTYPES = ("auto", "cpu", "cuda"), ("auto", "bfloat16", "float32")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -240,6 +241,8 @@ class TrainConfig:
     device: str  # auto | cpu | cuda
     dtype: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | bfloat16 | float32
     wandb_project: str  # set to log to W&B too (mode from WANDB_MODE; default offline)
+    save_dtype: str  # the saved weights: auto (the dtype the base came in; fp32 when pretrained here) | float32 | ...
+    max_shard_gb: float  # saved weights above this size are split into safetensors shards with an index
 
     def __post_init__(self):
         at_least_1 = ("batch_size", "grad_accum", "eval_every", "log_every", "max_bad_steps", "nproc")
@@ -255,6 +258,8 @@ class TrainConfig:
             "eps": (self.eps > 0, "must be > 0"), "grad_clip": (self.grad_clip > 0, "must be > 0"),
             "device": (self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             "dtype": (self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (float16 needs loss scaling)"),
+            "save_dtype": (self.save_dtype in SAVE_DTYPES, f"must be one of {', '.join(SAVE_DTYPES)}"),
+            "max_shard_gb": (self.max_shard_gb > 0, "must be > 0"),
         }
         require(self, rules)
 

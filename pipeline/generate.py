@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import Transformer, rope_cos_sin
+from pipeline.model import Transformer, causal, rope_cos_sin
 
 
 @dataclasses.dataclass
@@ -32,20 +32,26 @@ class KVCache:
     Also holds what a step would otherwise recompute: the RoPE cos/sin of every slot (max_len, head_dim) and the
     model's q/k/v and gate/up weights fused for this generation (one product instead of three and two); they
     are rebuilt with every cache, so training between two generations is always seen.
-    The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops rows."""
+    The model's Attention hands its q, k, v to `attend`, which stores k, v at `length`; `keep` drops rows.
+    With a sliding window, a decoding step reads the last `window` slots only: a row's slots and positions differ by
+    its left padding, the same for the query and its keys, so the window is the same slots for every row."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int):
-        cfg, param = model.cfg, next(model.parameters())
+        arch, param = model.arch, next(model.parameters())
         kw = {"device": param.device, "dtype": param.dtype}
-        self.k = [torch.zeros(batch, cfg.n_kv_head, cfg.head_dim, max_len, **kw) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(batch, cfg.n_kv_head, max_len, cfg.head_dim, **kw) for _ in range(cfg.n_layer)]
-        self.bias = torch.zeros(batch, cfg.n_kv_head, 1, max_len, **kw)
+        self.k = [torch.zeros(batch, arch.n_kv_head, arch.head_dim, max_len, **kw) for _ in range(arch.n_layer)]
+        self.v = [torch.zeros(batch, arch.n_kv_head, max_len, arch.head_dim, **kw) for _ in range(arch.n_layer)]
+        self.bias = torch.zeros(batch, arch.n_kv_head, 1, max_len, **kw)
         slots = torch.arange(max_len, device=param.device)[None]
-        self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(slots, cfg.head_dim, cfg.rope_theta, param.dtype))
-        self.length = 0
+        self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(slots, model.rope_freq, param.dtype))
+        self.sliding_window, self.length = arch.sliding_window, 0
         with torch.no_grad():
             self.qkv = [torch.cat([b.attn.q.weight, b.attn.k.weight, b.attn.v.weight]) for b in model.blocks]
+            self.qkv_bias = [torch.cat([b.attn.q.bias, b.attn.k.bias, b.attn.v.bias]) if arch.qkv_bias else None
+                             for b in model.blocks]
             self.gate_up = [torch.cat([b.mlp.gate.weight, b.mlp.up.weight]) for b in model.blocks]
+            self.gate_up_bias = [torch.cat([b.mlp.gate.bias, b.mlp.up.bias]) if arch.mlp_bias else None
+                                 for b in model.blocks]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
         """Store k, v (B, Hkv, T, D) at slots [length, length + T) and attend from q (B, H, T, D) over every
@@ -57,14 +63,16 @@ class KVCache:
         self.k[layer][..., start : start + T] = k.transpose(-1, -2)
         self.v[layer][:, :, start : start + T] = v
         S, rep = start + T, H // n_kv
-        keys_t, values = self.k[layer][..., :S], self.v[layer][:, :, :S]  # (B, Hkv, D, S), (B, Hkv, S, D)
+        window = self.sliding_window
+        first = S - window if T == 1 and 0 < window < S else 0  # decoding: the window's slots only
+        keys_t, values = self.k[layer][..., first:S], self.v[layer][:, :, first:S]  # (B, Hkv, D, S'), (B, Hkv, S', D)
         if T > 1:  # a prompt: fused attention over the (few) repeated key/value heads
             keys, values = keys_t.transpose(-1, -2).repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
             # a bool mask (True: attend) is accepted whatever dtype autocast gives q, k, v
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask == 0)
         # (B * Hkv) products of (rep, D) x (D, S): heads g*rep .. g*rep+rep-1 share key/value head g; scale and
         # pad bias are applied inside the first product (baddbmm)
-        scores = torch.baddbmm(self.bias[..., :S].flatten(0, 1), q.reshape(B * n_kv, rep, D),
+        scores = torch.baddbmm(self.bias[..., first:S].flatten(0, 1), q.reshape(B * n_kv, rep, D),
                                keys_t.flatten(0, 1), alpha=D**-0.5)  # (B * Hkv, rep, S)
         y = torch.bmm(scores.softmax(-1), values.flatten(0, 1))  # (B * Hkv, rep, D)
         return y.view(B, H, T, D)
@@ -75,7 +83,9 @@ class KVCache:
         view.k = [k[first:last, ..., start:] for k in self.k]
         view.v = [v[first:last, :, start:] for v in self.v]
         view.bias = self.bias[first:last, ..., start:]
-        view.qkv, view.gate_up, view.cos, view.sin, view.length = self.qkv, self.gate_up, self.cos, self.sin, 0
+        view.qkv, view.qkv_bias = self.qkv, self.qkv_bias
+        view.gate_up, view.gate_up_bias = self.gate_up, self.gate_up_bias
+        view.cos, view.sin, view.sliding_window, view.length = self.cos, self.sin, self.sliding_window, 0
         return view
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -122,9 +132,9 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, P: int
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
         real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in chunk], device=device)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = causal(width, cache.sliding_window, device)
         # a pad query attends to itself only, so no softmax row is empty; its output is never read
-        allowed = (causal & real[:, None]) | torch.eye(width, dtype=torch.bool, device=device)  # (n, W, W)
+        allowed = (allowed & real[:, None]) | torch.eye(width, dtype=torch.bool, device=device)  # (n, W, W)
         window = cache.window(start, end, P - width)
         h = model.hidden(ids, pos, additive(allowed, dtype)[:, None], window)[:, -1]
         logits.append(model.lm_head(h).float())

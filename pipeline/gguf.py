@@ -64,9 +64,15 @@ def gguf_tensors(reader, config: dict) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     out = {}
-    for t in tqdm(reader.tensors, desc="dequantize", disable=True):
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
-            [int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+    for t in tqdm(reader.tensors, desc="dequantize", disable=None):
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except (NotImplementedError, KeyError, ValueError) as e:
+            kind = getattr(t.tensor_type, "name", t.tensor_type)
+            raise UserError(f"GGUF tensor {t.name}: quantisation type {kind} cannot be read by the gguf package "
+                            f"({type(e).__name__}: {e}); use a GGUF in F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 or "
+                            "a K-quant") from None
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
         parts = t.name.split(".")
         if t.name == "token_embd.weight":
             name = "model.embed_tokens.weight"

@@ -1,6 +1,8 @@
-"""A Llama-architecture transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases) and its loss on
+"""A Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) with the few switches today's open chat
+models need (`Architecture`: biases, q/k norms, explicit head size, RoPE scaling, a sliding window), and its loss on
 packed rows (the target shift, the document mask, fp32 cross-entropy at trained positions only). Knows no tokenizer
-and no file format: pipeline/hf.py saves and loads it as a Hugging Face folder."""
+and no file format: pipeline/hf.py reads and writes Hugging Face folders."""
+import dataclasses
 import math
 
 import torch
@@ -36,6 +38,40 @@ def flex(q, k, v, block_mask):
     return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The network's shape and switches: from the bundled model's params (`from_params`) or a model's config.json
+    (pipeline/hf.py). Each switch is off for a plain Llama."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int  # per attention head; Qwen3 and some Mistrals set it apart from n_embd / n_head
+    intermediate_size: int
+    max_seq_len: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    rope_scaling: tuple = ()  # (("rope_type", "llama3"), ("factor", 8.0), ...): llama3 or linear; () none
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Llama's and Qwen3's attention_bias)
+    mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    sliding_window: int = 0  # attend to the last N positions only (Mistral v0.1); 0: no window
+
+    def __post_init__(self):
+        assert self.vocab_size > 0, "the vocabulary size must be set (from the tokenizer) before building"
+        assert self.n_head % self.n_kv_head == 0 and self.head_dim % 2 == 0, "heads and head size do not fit"
+
+    @classmethod
+    def from_params(cls, cfg: ModelConfig, vocab_size: int) -> "Architecture":
+        """The bundled model: a plain Llama of params.yaml's `model` section."""
+        return cls(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.intermediate_size,
+                   cfg.max_seq_len, vocab_size or cfg.vocab_size, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings,
+                   cfg.init_std)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -50,10 +86,32 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """pos (B, T) int -> cos, sin (B, 1, T, head_dim), the 'rotate half' layout of HF Llama."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    freqs = pos.float()[..., None] * inv_freq  # (B, T, D/2)
+def inv_freq(arch: Architecture, device=None) -> torch.Tensor:
+    """RoPE's rotation rates (head_dim / 2,), rescaled as the model's rope_scaling says: `linear` divides them all
+    by the factor; `llama3` (Llama 3.1/3.2) divides the slow ones (wavelength above original_max / low_freq_factor)
+    by the factor, keeps the fast ones (below original_max / high_freq_factor), and blends in between."""
+    D = arch.head_dim
+    freq = 1.0 / arch.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+    scaling = dict(arch.rope_scaling)
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freq
+        scaled = torch.where(wavelen > old / low, freq / factor, freq)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, blended, scaled)
+    assert kind == "default", f"rope scaling {kind} (pipeline/hf.py refuses it at import)"
+    return freq
+
+
+def rope_cos_sin(pos: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype):
+    """pos (B, T) int, freq (D/2,) -> cos, sin (B, 1, T, D), the 'rotate half' layout of HF Llama."""
+    freqs = pos.float()[..., None] * freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -67,32 +125,40 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, arch: Architecture):
         super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.n_embd, cfg.head_dim
-        self.q = nn.Linear(d, cfg.n_head * hd, bias=False)
-        self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
-        self.o = nn.Linear(cfg.n_head * hd, d, bias=False)
+        self.arch = arch
+        d, hd = arch.n_embd, arch.head_dim
+        self.q = nn.Linear(d, arch.n_head * hd, bias=arch.qkv_bias)
+        self.k = nn.Linear(d, arch.n_kv_head * hd, bias=arch.qkv_bias)
+        self.v = nn.Linear(d, arch.n_kv_head * hd, bias=arch.qkv_bias)
+        self.o = nn.Linear(arch.n_head * hd, d, bias=arch.o_bias)
+        self.q_norm = RMSNorm(hd, arch.norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(hd, arch.norm_eps) if arch.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache=None, layer: int = 0):  # cache: pipeline.generate.KVCache
         B, T, _ = x.shape
-        cfg = self.cfg
+        arch = self.arch
+        Hq, Hkv, D = arch.n_head, arch.n_kv_head, arch.head_dim
         if cache is not None:  # generation (pipeline/generate.py): fewer, larger operations per step
-            H = cfg.n_head + cfg.n_kv_head
+            H = Hq + Hkv
             # q, k, v in one product with the weights the cache fused; q and k rotated in one go (elementwise)
-            qkv = F.linear(x, cache.qkv[layer]).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, H+2Hkv, T, D)
-            qk = apply_rope(qkv[:, :H], cos, sin)
-            y = cache.attend(layer, qk[:, : cfg.n_head], qk[:, cfg.n_head :], qkv[:, H:], mask)  # stores k, v
+            qkv = F.linear(x, cache.qkv[layer], cache.qkv_bias[layer]).view(B, T, -1, D).transpose(1, 2)
+            qk = qkv[:, :H]  # (B, Hq + Hkv, T, D)
+            if self.q_norm is not None:
+                qk = torch.cat([self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])], 1)
+            qk = apply_rope(qk, cos, sin)
+            y = cache.attend(layer, qk[:, :Hq], qk[:, Hq:], qkv[:, H:], mask)  # stores k, v
             return self.o(y.transpose(1, 2).reshape(B, T, -1))
-        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.q(x).view(B, T, Hq, D)
+        k = self.k(x).view(B, T, Hkv, D)
+        v = self.v(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:  # per head, over D, before RoPE (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if BlockMask is not None and isinstance(mask, BlockMask):  # CUDA training: GQA handled inside the kernel
             return self.o(flex(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
-        rep = cfg.n_head // cfg.n_kv_head
+        rep = Hq // Hkv
         if rep > 1:  # query head h reads key/value head h // rep, as HF's repeat_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
@@ -104,52 +170,60 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, arch: Architecture):
         super().__init__()
-        self.gate = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.gate = nn.Linear(arch.n_embd, arch.intermediate_size, bias=arch.mlp_bias)
+        self.up = nn.Linear(arch.n_embd, arch.intermediate_size, bias=arch.mlp_bias)
+        self.down = nn.Linear(arch.intermediate_size, arch.n_embd, bias=arch.mlp_bias)
 
-    def forward(self, x, gate_up=None):
+    def forward(self, x, gate_up=None, gate_up_bias=None):
         if gate_up is not None:  # generation: gate and up weights fused into one product (pipeline/generate.py)
-            gate, up = F.linear(x, gate_up).chunk(2, -1)
+            gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
             return self.down(F.silu(gate) * up)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, arch: Architecture):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.attn_norm = RMSNorm(arch.n_embd, arch.norm_eps)
+        self.attn = Attention(arch)
+        self.mlp_norm = RMSNorm(arch.n_embd, arch.norm_eps)
+        self.mlp = MLP(arch)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x), None if cache is None else cache.gate_up[layer])
+        if cache is None:
+            return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), cache.gate_up[layer], cache.gate_up_bias[layer])
 
 
-def doc_causal_mask(doc: torch.Tensor) -> torch.Tensor:
+def causal(T: int, window: int = 0, device=None) -> torch.Tensor:
+    """bool (T, T): query i attends key j <= i, and with a sliding window only when i - j < window (as HF's)."""
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return allowed.triu(1 - window) if window else allowed
+
+
+def doc_causal_mask(doc: torch.Tensor, window: int = 0) -> torch.Tensor:
     """doc (B, T) conversation index per token -> bool (B, 1, T, T): attend to earlier tokens of the same
-    conversation only, so packed neighbours never see each other."""
-    T = doc.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+    conversation only (within the sliding window, if any), so packed neighbours never see each other."""
+    return ((doc[:, :, None] == doc[:, None, :]) & causal(doc.shape[1], window, doc.device))[:, None]
 
 
-def flex_block_mask(doc: torch.Tensor):
+def flex_block_mask(doc: torch.Tensor, window: int = 0):
     """The same rule as doc_causal_mask as a FlexAttention BlockMask: tiles of 128x128 that are fully masked
     (another conversation, or the future) are skipped by the kernel, not computed and discarded; tiles inside one
     conversation, below the diagonal, are full (no mask evaluated). Built from the conversations' spans in a few
     small tensor operations on the device, with no host sync (create_block_mask would evaluate the rule on every
-    (query, key) pair of the row); rows whose length is not a multiple of 128 take create_block_mask."""
+    (query, key) pair of the row); rows whose length is not a multiple of 128, or a sliding window, take
+    create_block_mask."""
     B, T = doc.shape
 
     def same_conversation_causal(b, h, q, kv):
-        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+        allowed = (doc[b, q] == doc[b, kv]) & (q >= kv)
+        return allowed & (q - kv < window) if window else allowed
 
-    if T % FLEX_BLOCK:
+    if T % FLEX_BLOCK or window:
         return create_block_mask(same_conversation_causal, B, None, T, T, device=doc.device)
     n = T // FLEX_BLOCK
     # a conversation is a run of equal doc values; seg numbers the runs of a row (padding, -1, is the last run)
@@ -170,8 +244,8 @@ def flex_block_mask(doc: torch.Tensor):
                                     mask_mod=same_conversation_causal)
 
 
-def attention_mask(doc: torch.Tensor, use_flex: bool):
-    return flex_block_mask(doc) if use_flex else doc_causal_mask(doc)
+def attention_mask(doc: torch.Tensor, use_flex: bool, window: int = 0):
+    return flex_block_mask(doc, window) if use_flex else doc_causal_mask(doc, window)
 
 
 def ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,16 +284,16 @@ def trained_targets(labels: torch.Tensor, doc: torch.Tensor | None) -> tuple[tor
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, arch: Architecture):
         super().__init__()
-        assert cfg.vocab_size > 0, "ModelConfig.vocab_size must be set (from the tokenizer) before building"
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.arch = arch
+        self.embed = nn.Embedding(arch.vocab_size, arch.n_embd)
+        self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.n_layer))
+        self.norm = RMSNorm(arch.n_embd, arch.norm_eps)
+        self.lm_head = nn.Linear(arch.n_embd, arch.vocab_size, bias=False)
+        if arch.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.register_buffer("rope_freq", inv_freq(arch), persistent=False)  # not in the state dict: from arch
         # runtime knobs set by training (pipeline/train.py:configure), not part of the saved model
         self.use_flex = False  # FlexAttention block mask instead of a dense boolean mask (CUDA)
         self.loss_chunk = 0  # output-layer rows per loss chunk; 0: one piece
@@ -228,12 +302,14 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
-        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)  # residual projections scaled down
+        out_std = self.arch.init_std / math.sqrt(2 * self.arch.n_layer)  # residual projections scaled down
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             else:
-                std = out_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else self.cfg.init_std
+                std = out_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else self.arch.init_std
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
@@ -246,7 +322,7 @@ class Transformer(nn.Module):
     def hidden(self, ids, pos, mask, cache=None):
         x = self.embed(ids)
         if cache is None:
-            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(pos, self.rope_freq, x.dtype)
         else:  # generation: rows of the table the cache computed once (the same elementwise formula)
             cos, sin = cache.cos[pos][:, None], cache.sin[pos][:, None]
         blocks = self.compiled_blocks if cache is None and self.compiled_blocks else self.blocks
@@ -264,7 +340,10 @@ class Transformer(nn.Module):
         B, T = ids.shape
         if pos is None:
             pos = torch.arange(T, device=ids.device).expand(B, T)
-        mask = None if doc is None else attention_mask(doc, self.use_flex)
+        window = self.arch.sliding_window if self.arch.sliding_window < T else 0  # a window wider than the rows: none
+        if doc is None and window:
+            doc = torch.zeros_like(ids)  # one conversation per row, but the window needs an explicit mask
+        mask = None if doc is None else attention_mask(doc, self.use_flex, window)
         h = self.hidden(ids, pos, mask)
         if labels is None and at is None:
             return self.lm_head(h).float()

@@ -12,12 +12,10 @@ import yaml
 
 from pipeline.common import UserError, hub_offline
 from pipeline.config import PublishConfig
+from pipeline.hf import model_files
 from pipeline.metrics import RATES, cell
 from pipeline.template import chat_template, layout
 from pipeline.tokenizer import load_tokenizer
-
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-               "tokenizer_config.json")
 
 
 def check_gate(cfg: PublishConfig, metrics: dict) -> None:
@@ -77,10 +75,11 @@ def lock_provenance(lock_path: str = "dvc.lock") -> str:
 
 def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, data: dict[str, str]) -> str:
     hf = json.loads((Path(model_dir) / "config.json").read_text())
-    arch = (f"Llama architecture: {hf['num_hidden_layers']} layers, width {hf['hidden_size']}, "
-            f"{hf['num_attention_heads']} query / {hf['num_key_value_heads']} key-value heads, "
-            f"SwiGLU {hf['intermediate_size']}, vocabulary {hf['vocab_size']}, "
-            f"tied embeddings: {hf['tie_word_embeddings']}.")
+    arch = (f"Architecture: {hf.get('model_type', 'llama')} ({', '.join(hf.get('architectures', []))}), "
+            f"{hf['num_hidden_layers']} layers, width {hf['hidden_size']}, {hf['num_attention_heads']} query / "
+            f"{hf.get('num_key_value_heads') or hf['num_attention_heads']} key-value heads, SwiGLU "
+            f"{hf['intermediate_size']}, vocabulary {hf['vocab_size']}, tied embeddings: "
+            f"{hf.get('tie_word_embeddings', False)}; weights in {hf.get('torch_dtype', 'float32')}.")
     fmt = layout(load_tokenizer(model_dir)).fmt
     end, header = f"`{fmt.end}`", f"`{fmt.header('assistant')}`".replace("\n", "\\n")
     provenance = "\n".join(f"- `{path}`: sha256 `{digest}`" for path, digest in data.items())
@@ -133,7 +132,7 @@ model did not learn in pretraining is not learned here. Evaluate on your own dat
 def export(cfg: PublishConfig, model_dir: str, metrics_path: str, out: str, params: dict,
            data_files: list[str]) -> None:
     """Write the publishable folder: the model files, and README.md (the model card)."""
-    for name in MODEL_FILES:
+    for name in model_files(model_dir):  # config, weights (every shard and the index), tokenizer files
         shutil.copy2(Path(model_dir) / name, Path(out) / name)
     metrics = json.loads(Path(metrics_path).read_text())
     data = {p: file_hash(p) for p in data_files}

@@ -5,7 +5,7 @@ import torch
 from pipeline.common import print0, setup_compute
 from pipeline.config import DuringTrainConfig, TrainConfig
 from pipeline.evaluate import make_train_evaluator
-from pipeline.hf import load_model, save_model
+from pipeline.hf import load_model, save_model, save_options
 from pipeline.pack import load_packed
 from pipeline.tokenizer import load_tokenizer
 from pipeline.train import clear_checkpoint, train
@@ -26,6 +26,6 @@ def finetune(cfg: TrainConfig, during: DuringTrainConfig, base: str, packed: str
                     ckpt_dir=ckpt_dir)
     print0(f"sft: {summary}")
     if out is not None:
-        save_model(model.cpu(), tok, out)
+        save_model(model.cpu(), tok, out, like=base, **save_options(cfg))  # the base's config, dtype, shards
         clear_checkpoint(ckpt_dir)
     return summary

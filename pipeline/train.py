@@ -43,6 +43,13 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
     return cfg.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def memory_line(n_params: int) -> str:
+    """What full training costs per parameter: fp32 master weights (4 bytes), fp32 gradients (4), AdamW's two
+    moments (8): 16 bytes a parameter before activations, whatever the autocast precision."""
+    gib = lambda n: f"{n * n_params / 2**30:,.2f} GiB"  # noqa: E731
+    return f"weights {gib(4)} + gradients {gib(4)} + AdamW state {gib(8)} = {gib(16)}"
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """A fresh AdamW; weight decay on matrices only, never on norm gains. Fused kernel on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +204,7 @@ def configure(model: Transformer, cfg: TrainConfig, compute: Compute) -> None:
 
 # ---- resume ---------------------------------------------------------------------------------------------------
 NOT_FINGERPRINTED = ("eval_every", "log_every", "save_every", "max_bad_steps", "wandb_project",
-                     "activation_checkpointing")  # change logging or memory, never the weights
+                     "activation_checkpointing", "save_dtype", "max_shard_gb")  # never change the trained weights
 
 
 def fingerprint(cfg: TrainConfig, model: Transformer, arrays: dict, world: int) -> str:
@@ -299,6 +306,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     print0(f"{desc}: {model.num_params():,} parameters, {n_rows} rows, {n_steps} steps of "
            f"{cfg.batch_size * cfg.grad_accum * world} rows on {world} x {device} "
            f"({compute.autocast_dtype or torch.float32})")
+    print0(f"{desc}: memory per process before activations: {memory_line(model.num_params())}")
     tty = sys.stdout.isatty()
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not tty or rank != 0, dynamic_ncols=True)
     t_start = time.time()

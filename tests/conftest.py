@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import SECTIONS, ModelConfig, from_dict, read_params
-from pipeline.model import Transformer
+from pipeline.config import SECTIONS, from_dict, read_params
+from pipeline.model import Architecture, Transformer
 from pipeline.template import FORMATS
 from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -93,12 +93,13 @@ def any_tok(request, tok, chatml_tok):
     return tok if request.param == "markers" else chatml_tok
 
 
-TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, max_seq_len=128, rope_theta=10000.0,
-            norm_eps=1e-5, tie_embeddings=True, init_std=0.02)
+TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8, intermediate_size=64, max_seq_len=128,
+            rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, init_std=0.02)
 
 
 def tiny_model(vocab_size: int, seed: int = 0, **kw) -> Transformer:
-    cfg = ModelConfig(**(TINY | kw), vocab_size=vocab_size)
+    """A 2-layer model of the bundled kind; `kw` sets Architecture fields (biases, q/k norms, a window, ...)."""
+    cfg = Architecture(**(TINY | kw), vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = Transformer(cfg)
     model.init_weights(seed)

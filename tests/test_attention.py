@@ -102,7 +102,7 @@ def test_flex_is_configured_on_cuda_and_the_cpu_keeps_sdpa(monkeypatch):
     _, ids, pos, doc = packed_row()
     with torch.no_grad():
         model(ids, pos=pos, doc=doc)
-    assert calls == ["BlockMask"] * model.cfg.n_layer
+    assert calls == ["BlockMask"] * model.arch.n_layer
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -155,7 +155,7 @@ def test_under_bf16_autocast_q_k_v_reach_flex_attention_in_one_dtype(monkeypatch
         sdpa = model(ids, pos=pos, doc=doc)
         model.use_flex = True
         flex = model(ids, pos=pos, doc=doc)
-    assert seen == [(torch.bfloat16,) * 3] * model.cfg.n_layer
+    assert seen == [(torch.bfloat16,) * 3] * model.arch.n_layer
     torch.testing.assert_close(flex[doc >= 0], sdpa[doc >= 0], rtol=2e-2, atol=2e-2)
     with torch.no_grad():
         fp32 = model(ids, pos=pos, doc=doc)  # outside autocast everything stays fp32

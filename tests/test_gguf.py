@@ -150,3 +150,25 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     assert hf_tok.apply_chat_template(conv, tokenize=False) == (
         "<|im_start|>user\nWho is the mayor?<|im_end|>\n<|im_start|>assistant\nMira Tal<|im_end|>\n")
     assert "Format `chatml`" in (published / "README.md").read_text()
+
+
+def test_the_quantisation_types_of_the_file_are_read_and_an_unreadable_one_is_named(gguf_file, tmp_path, monkeypatch):
+    """SmolLM2's file mixes quantisation types (all read: the logits test above); a type the gguf package cannot
+    dequantize stops the import with the tensor and the type named, in one line."""
+    import gguf.quants
+
+    from pipeline.common import UserError
+
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    assert {"Q4_1", "Q8_0", "F32"} <= kinds, kinds
+    real = gguf.quants.dequantize
+
+    def no_q8(data, kind):
+        if kind.name == "Q8_0":
+            raise NotImplementedError(f"Dequantization for {kind.name} is not yet implemented")
+        return real(data, kind)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", no_q8)
+    with pytest.raises(UserError, match=r"GGUF tensor \S+: quantisation type Q8_0 cannot be read") as e:
+        convert_gguf(str(gguf_file), str(tmp_path / "out"))
+    assert "\n" not in str(e.value)

@@ -55,7 +55,8 @@ def test_published_folder_is_complete(published, tok):
     assert json.loads((published / "generation_config.json").read_text())["eos_token_id"] == tok.token_to_id("<|end|>")
     card = (published / "README.md").read_text()
     assert "| stopped | 0.000 | 1.000 |" in card and "| n | 3 | 3 |" in card
-    assert "Llama architecture: 2 layers" in card and "<|assistant|>" in card and "Limitations" in card
+    assert "Architecture: llama (LlamaForCausalLM), 2 layers" in card
+    assert "<|assistant|>" in card and "Limitations" in card
     assert "train.jsonl`: sha256" in card
 
 

@@ -47,18 +47,19 @@ def test_tokenizer_missing_corpus_and_unknown_base_model(tmp_path):
     one_line(stage(tmp_path, "tokenizer", "corpus.jsonl", "tok"), "tokenizer", "corpus.jsonl:2: not a JSON object")
 
 
-def test_base_refuses_a_model_of_another_family_and_the_hub_offline(tmp_path, tok):
+def test_base_refuses_an_unsupported_family_and_the_hub_offline(tmp_path, tok):
     from pipeline.tokenizer import save_tokenizer
 
     save_tokenizer(tok, str(tmp_path / "tok"))
     (tmp_path / "corpus.jsonl").write_text('{"text": "The river Osk flows through Velmora."}\n')
-    mistral = tmp_path / "mistral"
-    save_model(tiny_model(tok.get_vocab_size()), tok, str(mistral))
-    config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
-    write_params(tmp_path, base={"init_from": str(mistral)})
+    gpt2 = tmp_path / "gpt2"
+    save_model(tiny_model(tok.get_vocab_size()), tok, str(gpt2))
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    write_params(tmp_path, base={"init_from": str(gpt2)})
     args = ("corpus.jsonl", "tok", "base", "reports/base", "ckpt")
-    one_line(stage(tmp_path, "base", *args), "base", "config.json: refused: model_type is 'mistral'; supported: llama")
+    one_line(stage(tmp_path, "base", *args), "base", "config.json: refused: model_type 'gpt2' is not supported "
+             "(supported: llama, qwen2, qwen3, mistral)")
     write_params(tmp_path, base={"init_from": "hf://me/model"})
     one_line(stage(tmp_path, "base", *args, env={"HF_HUB_OFFLINE": "1"}), "base",
              "cannot download me/model: HF_HUB_OFFLINE is set")
