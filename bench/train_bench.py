@@ -154,7 +154,7 @@ def run_trl(name: str) -> dict:
             attn = "flash_attention_2"
         except ImportError:
             pass
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     data = datasets.Dataset.from_dict({"input_ids": [x.tolist() for x in ids],
                                        "completion_mask": [k.tolist() for k in masks]})
     times = []
