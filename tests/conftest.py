@@ -126,8 +126,9 @@ def read_rendered(path: str, with_sources: bool = False):
 
 
 def write_rendered(path: str, input_ids, labels, source_row, source=None, row_group_size: int = 8192,
-                   header=(2,)) -> None:
-    """A rendered parquet as the render stage writes it (header: the assistant header ids it records)."""
+                   header=(2,), user_header=(1,)) -> None:
+    """A rendered parquet as the render stage writes it (the assistant and user header ids it records: the markers'
+    <|assistant|> and <|user|> by default)."""
     import json
 
     import pyarrow as pa
@@ -135,7 +136,8 @@ def write_rendered(path: str, input_ids, labels, source_row, source=None, row_gr
 
     from pipeline.render import RENDERED_SCHEMA
 
-    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(list(header))})
+    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(list(header)),
+                                            "user_header": json.dumps(list(user_header))})
     table = pa.table({"input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
                       "labels": pa.array(labels, type=pa.list_(pa.int32())),
                       "source": pa.array(source or ["data"] * len(input_ids), type=pa.string()),
