@@ -282,11 +282,11 @@ class RenderConfig:
     on_error: str  # a malformed row: fail (file:line: reason) | skip (dropped and counted by reason)
     train_on: str  # trained turns: all_assistant | last_assistant | everything (ablations)
     batch_size: int  # conversations per encode_batch call and per parquet row group
-    trailing_user: str  # a conversation ending on a user turn: drop (a bad row) | trim (keep it up to its last answer)
+    unpaired: str  # turns with nothing to pair with (params.yaml): drop (the conversation, counted) | trim (the turns)
 
     def __post_init__(self):
         require(self, {"on_error": (self.on_error in ("fail", "skip"), "must be fail or skip"),
-                       "trailing_user": (self.trailing_user in ("drop", "trim"), "must be drop or trim"),
+                       "unpaired": (self.unpaired in ("drop", "trim"), "must be drop or trim"),
                        "train_on": (self.train_on in TRAIN_ON, f"must be one of {', '.join(TRAIN_ON)}"),
                        "batch_size": (self.batch_size >= 1, "must be >= 1")})
 

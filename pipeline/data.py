@@ -260,20 +260,23 @@ def location(path: str, source: str, row: int) -> str:
     return f"{files.get(source, path)}:{row + 1}"
 
 
-def trim_trailing(messages: list[dict]) -> list[dict]:
-    """The conversation up to its last assistant turn (the user or tool turns after it have no answer to train)."""
-    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-               default=-1)
-    return messages[: last + 1]
+def trim_unpaired(messages: list[dict]) -> list[dict]:
+    """The conversation without its unpaired turns: answers before the first user turn (no question: real dumps hold
+    such cut-off conversations) and the user or tool turns after the last answer (no answer). A system turn stays."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    system = messages[:1] if roles[:1] == ["system"] else []
+    first_user = next((i for i, r in enumerate(roles) if r == "user"), len(roles))
+    last = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+    return system + messages[first_user : last + 1]
 
 
-def iter_conversations(path: str, on_error: str, counts: dict | None = None, trailing_user: str = "drop",
+def iter_conversations(path: str, on_error: str, counts: dict | None = None, unpaired: str = "drop",
                        prepare=None):
     """Stream (source, 0-based row, messages) of the valid rows under `path` (a file or a folder of sources).
     A bad row raises `file:line: reason` (on_error='fail') or is counted in `counts` (on_error='skip'):
     counts[source] = {"rows_read", "rows_kept", "rows_dropped", "dropped": {reason: n}, "empty_files",
-    "trimmed_turns"}. A conversation that ends on a user (or tool) turn is a bad row (`ends_on_user_turn`), or with
-    trailing_user='trim' is kept up to its last assistant turn, the turns cut counted as trimmed_turns.
+    "trimmed_turns"}. A conversation that ends on a user (or tool) turn is a bad row (`ends_on_user_turn`); with
+    unpaired='trim' it is kept without its unpaired turns (trim_unpaired), the turns cut counted as trimmed_turns.
     prepare(messages), when given, is yielded instead of the messages; a BadRow it raises makes the row a bad one
     (the render stage renders with a model's own template there, which can refuse a conversation)."""
     counts = {} if counts is None else counts
@@ -281,9 +284,10 @@ def iter_conversations(path: str, on_error: str, counts: dict | None = None, tra
     for source, row, messages, reason, detail in read_rows(path):
         c = counts.setdefault(source, {"rows_read": 0, "rows_kept": 0, "rows_dropped": 0, "dropped": {},
                                        "empty_files": 0, "trimmed_turns": 0})
-        if reason in ("ends_on_user_turn", "ends_on_tool_turn") and trailing_user == "trim":
-            kept = trim_trailing(messages)
-            if validate(kept) is None:
+        if unpaired == "trim" and messages is not None and (reason in ("ends_on_user_turn", "ends_on_tool_turn")
+                                                            or reason is None):
+            kept = trim_unpaired(messages)
+            if len(kept) < len(messages) and validate(kept) is None:
                 c["trimmed_turns"] += len(messages) - len(kept)
                 messages, reason = kept, None
         if reason == "empty_file":

@@ -72,6 +72,7 @@ class Row:
     trained: list[tuple[int, int]]
     message_starts: list[int]  # message j's text begins at message_starts[j] (its header, injected text included)
     roles: list[str]
+    closing_at: int  # where the text the template writes after the last message begins (len(text): none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ class OwnTemplate:
     """A model's chat template with the special-token strings its variables name, and its end-of-turn tokens."""
     source: str
     variables: tuple  # (("bos_token", "<s>"), ("eos_token", "</s>"), ...)
-    ends: tuple[str, ...]  # the end-of-turn token strings (the model's eos ids), longest first
+    ends: tuple[str, ...]  # the end-of-turn token strings (the model's eos ids), the primary one first
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
@@ -97,42 +98,86 @@ class OwnTemplate:
         i, e = min(hits)
         return i + len(e)
 
+    def closing(self) -> str:
+        """What the template writes after the last message, and not after others (Phi-3 closes a rendering with
+        eos): a rendering of a leading part of a conversation ends with it, where the whole goes on instead."""
+        return _closing(self)
+
+    def _closing_at(self, text: str) -> int:
+        close = self.closing()
+        return len(text) - len(close) if close and text.endswith(close) else len(text)
+
+    def _end_in(self, full: str, part: str) -> int | None:
+        """Where the rendering `part` of a leading part of the conversation ends inside the rendering `full`."""
+        if full.startswith(part):
+            return len(part)
+        close = self.closing()
+        if close and part.endswith(close) and full.startswith(part[: len(part) - len(close)]):
+            return len(part) - len(close)
+        return None
+
     def rows(self, conversation: list[dict], trained_turns: list[bool]) -> list[Row]:
-        """The training rows of a conversation. One row, the whole rendering, when every prefix of the conversation
-        renders as a prefix of it (most templates); otherwise (a template that rewrites history, as Qwen3 drops the
-        reasoning of earlier answers) one row per trained answer, each its own prompt as the template renders it at
-        that point of the conversation, and that answer: every answer is trained on the text the model is served."""
+        """The training rows of a conversation. One row, the whole rendering, when every leading part of the
+        conversation renders as a leading part of it (most templates); otherwise (a template that rewrites history, as
+        Qwen3 drops the reasoning of earlier answers) one row per trained answer: its prompt as the template renders
+        it at that point of the conversation, and that answer. Every answer is trained on the text it is served."""
         full = self.render(conversation)
-        prefixes = [self.render(conversation[: j + 1]) for j in range(len(conversation))]
+        parts = [self.render(conversation[: j + 1]) for j in range(len(conversation))]
+        # an answer that opens the conversation has no prompt (real dumps hold such cut-off conversations): context
         answers = {k: self.render(conversation[:k], add_generation_prompt=True)
-                   for k, m in enumerate(conversation) if m["role"] == "assistant" and trained_turns[k]}
+                   for k, m in enumerate(conversation) if m["role"] == "assistant" and trained_turns[k] and k > 0}
+        if not answers:
+            raise Unlocatable("no_answer_after_a_prompt")
         for k, prompt in answers.items():
-            if not prefixes[k].startswith(prompt):
+            if self._end_in(parts[k], prompt) != len(prompt):
                 raise Unlocatable("answer_not_after_its_prompt")
-        if all(full.startswith(p) for p in prefixes):
-            starts = [0] + [len(p) for p in prefixes[:-1]]
+        roles = [m["role"] for m in conversation]
+        if all(self._end_in(full, parts[k]) is not None and self._end_in(full, prompt) == len(prompt)
+               for k, prompt in answers.items()):
             trained = [(len(prompt), self._end_after(full, len(prompt))) for prompt in answers.values()]
-            return [Row(full, trained, starts, [m["role"] for m in conversation])]
-        out = []
-        for k, prompt in answers.items():
-            text = prefixes[k]
-            starts = [0] + [len(p) for p in prefixes[: k]]
-            if not all(text.startswith(p) for p in prefixes[:k]):  # the history as the prompt renders it
-                starts = [0] * k + [len(prompt)]
-            out.append(Row(text, [(len(prompt), self._end_after(text, len(prompt)))], starts[: k + 1],
-                           [m["role"] for m in conversation[: k + 1]]))
-        return out
+            return [Row(full, trained, self.message_starts(full, parts), roles, self._closing_at(full))]
+        return [Row(parts[k], [(len(prompt), self._end_after(parts[k], len(prompt)))],
+                    self.message_starts(parts[k], parts[: k + 1]), roles[: k + 1], self._closing_at(parts[k]))
+                for k, prompt in answers.items()]
+
+    def message_starts(self, text: str, parts: list[str]) -> list[int]:
+        """Where each message's text begins in `text`, given the renderings `parts` of the leading parts of its
+        conversation (messages 0..j): where the part before it ends. A part the template writes otherwise than as a
+        leading part of the whole (Qwen2.5 closes a group of tool results only after the last of them; Qwen3 drops
+        earlier reasoning) is placed where the two first differ."""
+        starts = [0]
+        for part in parts[:-1]:
+            end = self._end_in(text, part)
+            if end is None:
+                end = next((i for i, (a, b) in enumerate(zip(text, part)) if a != b), min(len(text), len(part)))
+            starts.append(max(starts[-1], end))
+        return starts
 
     def header_text(self, role: str) -> str:
         """The text a turn of `role` begins with, read from renderings (empty where the template writes none, as
         Mistral's before an answer): the generation prompt for the assistant, the text before a user's content."""
         if role == "assistant":
             ask = [{"role": "user", "content": "a"}]
-            return self.render(ask, add_generation_prompt=True)[len(self.render(ask)):]
-        sentinel = "\x1fsentinel\x1f"
+            asking = self.render(ask, add_generation_prompt=True)
+            return asking[self._end_in(asking, self.render(ask)) or len(asking):]
+        sentinel = "\ue000sentinel\ue000"  # no whitespace: templates that trim content keep it whole
         before = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
         text = self.render(before + [{"role": role, "content": sentinel}])
-        return text[len(self.render(before)): text.index(sentinel)]
+        return text[self._end_in(text, self.render(before)) or 0: text.index(sentinel)]
+
+
+@functools.lru_cache(maxsize=8)
+def _closing(own: OwnTemplate) -> str:
+    probe = [{"role": "user", "content": "a"}]
+    plain, asking = own.render(probe), own.render(probe, add_generation_prompt=True)
+    i = 0
+    while i < min(len(plain), len(asking)) and plain[i] == asking[i]:
+        i += 1
+    for token in set(own.ends) | {v for _, v in own.variables}:  # "<|" of "<|endoftext|>" vs "<|assistant|>":
+        at = plain.find(token, max(0, i - len(token) + 1))  # never cut inside a token the template writes whole
+        if 0 <= at < i:
+            i = at
+    return plain[i:]
 
 
 def own_template(tokenizer_config: dict, end_tokens: list[str], where: str) -> OwnTemplate:
@@ -146,4 +191,4 @@ def own_template(tokenizer_config: dict, end_tokens: list[str], where: str) -> O
     variables = {k: v if isinstance(v, str) else (v or {}).get("content")
                  for k, v in tokenizer_config.items() if k.endswith("_token")}
     return OwnTemplate(source, tuple(sorted((k, v) for k, v in variables.items() if v)),
-                       tuple(sorted(set(end_tokens), key=len, reverse=True)))
+                       tuple(dict.fromkeys(end_tokens)))

@@ -97,12 +97,12 @@ def overlong_error(where: str, n: int, block_size: int) -> UserError:
 
 
 def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: tuple[int, ...] = (),
-        user_header: tuple[int, ...] = ()) -> int:
+        user_header: tuple[int, ...] = (), labels: np.ndarray | None = None) -> int:
     """How many leading tokens of a rendered conversation go into the pack (0: dropped).
     truncate: cut only the tail of the last assistant turn, keeping its header (`header` ids) and at least one of
-    its tokens. exchanges: keep the longest run of whole leading exchanges (a cut where a user turn begins:
-    `user_header`) that fits; when not even the first exchange fits, cut its answer as truncate would (a cut answer
-    has no end token, so it never teaches stopping mid-sentence). Otherwise the conversation is dropped."""
+    its tokens. exchanges: keep the longest run of whole leading exchanges that fits, cut where a user turn
+    (`user_header`) begins after the first trained answer (`labels`); when not even that exchange fits, cut its
+    answer (a cut answer has no end token, so it never teaches stopping mid-sentence). Otherwise dropped."""
     if len(x) <= block_size:
         return len(x)
     if overlong == "fail":
@@ -110,15 +110,15 @@ def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: 
     if overlong not in ("truncate", "exchanges"):
         return 0
     if overlong == "exchanges":
-        cuts = starts(x, user_header)
-        cuts = cuts[(cuts > 0) & (cuts <= block_size)]
-        if len(cuts):
-            return int(cuts[-1])
+        assert labels is not None, "the exchanges policy needs the labels (where the first trained answer is)"
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if not len(trained) or trained[0] >= block_size:
+            return 0
+        cuts = starts(x, user_header)  # a user turn after the first trained answer: whole exchanges before it
+        cuts = cuts[(cuts > trained[0]) & (cuts <= block_size)]
+        return int(cuts[-1]) if len(cuts) else block_size  # else the first answer, cut
     heads = starts(x, header)
-    if not len(heads):
-        return 0
-    head = heads[0] if overlong == "exchanges" else heads[-1]  # the answer to cut: the first exchange's, or the last
-    return block_size if head + len(header) < block_size else 0
+    return block_size if len(heads) and heads[-1] + len(header) < block_size else 0  # the last answer, cut
 
 
 def _scatter(write, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, k: np.ndarray, fits: np.ndarray,
@@ -186,7 +186,7 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     fits, left = lengths.copy(), np.zeros(n_conv, np.int64)
     for i in np.flatnonzero(lengths > B):
         where = f"conversation {i}" if rows is None else f"{sources[i]}:{int(rows[i]) + 1}"
-        fits[i] = fit(ids[i], B, cfg.overlong, where, header, user_header)
+        fits[i] = fit(ids[i], B, cfg.overlong, where, header, user_header, labels[i])
         left[i] = exchanges_left(ids[i], fits[i], user_header)
     keep = np.flatnonzero(fits > 0)
     row, offset, n = np.full(n_conv, -1), np.full(n_conv, -1), 0
@@ -226,13 +226,17 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
     header, user_header = rendered_headers(path)
     policy = "drop" if cfg.overlong == "fail" else cfg.overlong  # fail: checked at packing, naming the row
     lengths, fits, left = [], [], []
+    columns = ["input_ids", "labels"] if policy == "exchanges" else ["input_ids"]
     for g in range(f.num_row_groups):
-        values, off = _flat(f.read_row_group(g, columns=["input_ids"]).column("input_ids"))
+        group = f.read_row_group(g, columns=columns)
+        values, off = _flat(group.column("input_ids"))
+        labels = _flat(group.column("labels"))[0] if policy == "exchanges" else None
         n = np.diff(off)
         m, cut = n.copy(), np.zeros(len(n), np.int64)
         for i in np.flatnonzero(n > cfg.block_size):
             x = values[off[i] : off[i + 1]]
-            m[i] = fit(x, cfg.block_size, policy, header=header, user_header=user_header)
+            m[i] = fit(x, cfg.block_size, policy, header=header, user_header=user_header,
+                       labels=None if labels is None else labels[off[i] : off[i + 1]])
             cut[i] = exchanges_left(x, m[i], user_header)
         lengths.append(n)
         fits.append(m)

@@ -152,7 +152,7 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
         with ThreadPoolExecutor(1) as pool:
             batch, pending = [], None
             try:
-                for item in iter_conversations(path, cfg.on_error, counts, cfg.trailing_user, prepare if own else None):
+                for item in iter_conversations(path, cfg.on_error, counts, cfg.unpaired, prepare if own else None):
                     batch.append(item)
                     if len(batch) == cfg.batch_size:
                         if pending is not None:

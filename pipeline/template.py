@@ -287,14 +287,10 @@ def own_rows(conversation: list[dict], tok: Tokenizer, train_on: str = "all_assi
             raise Unlocatable("special_token_in_content")
     own = tok.own_template
     if train_on == "everything":  # every message's text but tool results: the whole rendering, one row
-        full, starts = own.render(conversation), [0]
-        for j in range(len(conversation) - 1):
-            prefix = own.render(conversation[: j + 1])
-            if not full.startswith(prefix):
-                raise Unlocatable("template_rewrites_history")
-            starts.append(len(prefix))
+        full = own.render(conversation)
+        starts = own.message_starts(full, [own.render(conversation[: j + 1]) for j in range(len(conversation))])
         spans = [(a, b) for a, b, m in zip(starts, starts[1:] + [len(full)], conversation) if m["role"] != "tool"]
-        return [Row(full, spans, starts, [m["role"] for m in conversation])]
+        return [Row(full, spans, starts, [m["role"] for m in conversation], len(full))]
     return own.rows(conversation, _trained_turns(conversation, train_on))
 
 
@@ -311,7 +307,8 @@ def tokenize_rows(rows: list[list[Row]], tok: Tokenizer) -> Rendered:
         for a, b in row.trained:
             mask |= (start >= a) & (start < b)
         message = np.searchsorted(np.array(row.message_starts), start, side="right") - 1
-        roles.append(np.array([role_code[r] for r in row.roles], np.int8)[np.maximum(message, 0)])
+        role = np.array([role_code[r] for r in row.roles], np.int8)[np.maximum(message, 0)]
+        roles.append(np.where(start >= row.closing_at, -1, role).astype(np.int8))  # -1: after every message
         ids.append(np.array(enc.ids, np.int32))
         masks.append(mask)
         offsets.append(offsets[-1] + len(enc.ids))

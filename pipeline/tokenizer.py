@@ -8,12 +8,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.common import UserError
 from pipeline.config import TokenizerConfig
+from pipeline.model_template import own_template
 from pipeline.template import (
     FORMATS,
     MARKERS,
     REQUIRED_TOKENS,
     SPECIAL_TOKENS,
     ChatFormat,
+    TemplateFormat,
     chat_format,
     chat_template,
     layout,

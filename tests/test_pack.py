@@ -205,15 +205,19 @@ def exchanges(*lengths):
 
 
 def test_exchanges_policy_keeps_whole_leading_exchanges_and_cuts_a_first_answer_without_its_end():
-    x, _ = exchanges((5, 10), (5, 10), (5, 10))  # 18 tokens an exchange
-    assert fit(x, 40, "exchanges", header=(2,), user_header=(1,)) == 36  # two whole exchanges
-    assert fit(x, 36, "exchanges", header=(2,), user_header=(1,)) == 36
-    assert fit(x, 35, "exchanges", header=(2,), user_header=(1,)) == 18  # one
-    assert fit(x, 40, "truncate", header=(2,)) == 0  # truncate cuts the last answer only: its header is at 44
-    long_first, _ = exchanges((5, 40), (5, 10))
-    assert fit(long_first, 20, "exchanges", header=(2,), user_header=(1,)) == 20  # the first answer, cut
+    x, lab = exchanges((5, 10), (5, 10), (5, 10))  # 19 tokens an exchange
+    exchanges_fit = lambda x, lab, B: fit(x, B, "exchanges", header=(2,), user_header=(1,), labels=lab)  # noqa: E731
+    assert exchanges_fit(x, lab, 40) == 38  # two whole exchanges
+    assert exchanges_fit(x, lab, 38) == 38
+    assert exchanges_fit(x, lab, 37) == 19  # one
+    assert fit(x, 40, "truncate", header=(2,)) == 0  # truncate cuts the last answer only: its header is at 45
+    long_first, lab = exchanges((5, 40), (5, 10))
+    assert exchanges_fit(long_first, lab, 20) == 20  # the first answer, cut
     assert long_first[:20].tolist().count(4) == 1  # only the user's <|end|>: the cut answer has no end token
-    assert fit(long_first, 8, "exchanges", header=(2,), user_header=(1,)) == 0  # not even the prompt fits
+    assert exchanges_fit(long_first, lab, 8) == 0  # not even the prompt fits
+    late = lab.copy()
+    late[:45] = IGNORE_INDEX  # nothing trained before 45: a row of 40 would train nothing, so it is dropped
+    assert exchanges_fit(long_first, late, 40) == 0 and exchanges_fit(long_first, late, 47) == 47
 
 
 def test_exchanges_policy_in_the_packed_rows_and_the_report(tmp_path):
@@ -222,10 +226,10 @@ def test_exchanges_policy_in_the_packed_rows_and_the_report(tmp_path):
     cfg = config("pack", block_size=40, overlong="exchanges")
     arrays, report = pack(ids, labels, cfg, header=(2,), user_header=(1,))
     assert report["packed"] == 3 and report["truncated"] == 2 and report["exchanges_left_out"] == 1 + 1
-    assert report["tokens_packed"] == 36 + 10 + 40 and report["tokens_dropped"] == report["tokens_in"] - 86
+    assert report["tokens_packed"] == 38 + 11 + 40 and report["tokens_dropped"] == report["tokens_in"] - 89
     cut = arrays["labels"][arrays["doc"] == 2]
-    assert (cut != IGNORE_INDEX).sum() == 40 - 9 and 4 not in cut.tolist()  # trained, but no end token
+    assert (cut != IGNORE_INDEX).sum() == 40 - 8 and 4 not in cut.tolist()  # trained, but no end token
     path = str(tmp_path / "r.parquet")
-    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], [0, 1, 2])
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], [0, 1, 2], ["all"] * 3)
     index = read_index(path, cfg)
     assert pack_rendered(path, index, np.arange(3), cfg, str(tmp_path / "p")) == report
