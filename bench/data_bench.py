@@ -77,7 +77,7 @@ def phase_render(data: Path, batch: int) -> dict:
 
     tok = load_tokenizer(str(WORK / "tok"))
     t0 = time.perf_counter()
-    cfg = RenderConfig(on_error="fail", train_on="all_assistant", batch_size=batch)
+    cfg = RenderConfig(on_error="fail", train_on="all_assistant", batch_size=batch, unpaired="drop")
     report = render_split(str(data), tok, cfg, str(WORK / "rendered.parquet"))
     return {"seconds": time.perf_counter() - t0, "rows": report["rows_kept"], "tokens": report["tokens"],
             "trained_fraction": report["trained_fraction"],

@@ -21,7 +21,7 @@ class Chat:
         self.compute = setup_compute(device, "float32")
         self.model = load_model(model_dir, self.compute.device).eval()
         self.tok = load_tokenizer(model_dir)
-        self.end = layout(self.tok).end
+        self.ends = layout(self.tok).ends  # every id that ends an answer
         self.sampling, self.max_new_tokens, self.compile = sampling, max_new_tokens, compile
         self.start = ([{"role": "system", "content": system}] if system else []) + list(history or [])
         self.messages = list(self.start)
@@ -49,8 +49,8 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         sampling = Sampling(self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                             self.sampling.seed + self.turns)  # a fresh draw each turn, reproducible per seed
-        out = generate(self.model, [self.prompt_ids()], self.max_new_tokens, self.end, sampling, self.compile)[0]
-        stopped = bool(out) and out[-1] == self.end
+        out = generate(self.model, [self.prompt_ids()], self.max_new_tokens, self.ends, sampling, self.compile)[0]
+        stopped = bool(out) and out[-1] in self.ends
         answer = self.tok.decode(out[:-1] if stopped else out).strip()
         self.messages.append({"role": "assistant", "content": answer or "..."})  # content must not be empty
         self.turns += 1

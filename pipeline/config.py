@@ -173,12 +173,12 @@ class SynthConfig:
 @dataclasses.dataclass
 class TokenizerConfig:
     vocab_size: int  # byte-level BPE vocabulary, chat markers included
-    chat_format: str  # markers | chatml | auto: the base.init_from tokenizer's own, else markers
+    chat_format: str  # auto | template (the imported model's own) | markers | chatml
 
     def __post_init__(self):
         require(self, {"vocab_size": (self.vocab_size >= 256 + 6, "must be >= 262 (256 bytes + chat markers)"),
-                       "chat_format": (self.chat_format in ("auto", *CHAT_FORMATS),
-                                       f"must be auto or one of {', '.join(CHAT_FORMATS)}")})
+                       "chat_format": (self.chat_format in ("auto", "template", *CHAT_FORMATS),
+                                       f"must be auto, template or one of {', '.join(CHAT_FORMATS)}")})
 
 
 @dataclasses.dataclass
@@ -282,9 +282,11 @@ class RenderConfig:
     on_error: str  # a malformed row: fail (file:line: reason) | skip (dropped and counted by reason)
     train_on: str  # trained turns: all_assistant | last_assistant | everything (ablations)
     batch_size: int  # conversations per encode_batch call and per parquet row group
+    unpaired: str  # turns with nothing to pair with (params.yaml): drop (the conversation, counted) | trim (the turns)
 
     def __post_init__(self):
         require(self, {"on_error": (self.on_error in ("fail", "skip"), "must be fail or skip"),
+                       "unpaired": (self.unpaired in ("drop", "trim"), "must be drop or trim"),
                        "train_on": (self.train_on in TRAIN_ON, f"must be one of {', '.join(TRAIN_ON)}"),
                        "batch_size": (self.batch_size >= 1, "must be >= 1")})
 
@@ -292,7 +294,7 @@ class RenderConfig:
 @dataclasses.dataclass
 class PackConfig:
     block_size: int  # tokens per packed row
-    overlong: str  # longer than block_size: drop | truncate (the tail of the last assistant turn) | fail
+    overlong: str  # longer than block_size: drop | truncate | exchanges | fail (params.yaml says what each does)
     seed: int  # the weighted, shuffled order of the train conversations
     weights: dict  # train source -> weight (repeat/subsample); absent: 1
 
@@ -307,7 +309,8 @@ class PackConfig:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 bad.append(name)
         require(self, {"block_size": (self.block_size >= 8, "must be >= 8"),
-                       "overlong": (self.overlong in ("drop", "truncate", "fail"), "must be drop, truncate or fail"),
+                       "overlong": (self.overlong in ("drop", "truncate", "exchanges", "fail"),
+                                    "must be drop, truncate, exchanges or fail"),
                        "weights": (not bad, f"must map each source to a number >= 0 (not so for {bad})")})
 
 

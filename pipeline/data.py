@@ -5,6 +5,7 @@ Every row is normalised to a list of messages {"role", "content"[, "tool_calls"]
 A row that cannot be used gets a reason (a short snake_case string); nothing is repaired or altered. Reading is
 streamed: JSONL line by line, parquet batch by batch (a JSON array is parsed whole, as JSON requires)."""
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,7 +15,9 @@ from pipeline.common import UserError
 FORMATS = (".jsonl", ".json", ".parquet")
 ROLE_NAMES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "tool": "tool", "observation": "tool"}
+                  "tool": "tool", "observation": "tool",
+                  # real ShareGPT dumps also hold the answers of other chat assistants: assistant turns all the same
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name"}
 
 
@@ -23,11 +26,11 @@ class EmptyFile(Exception):
 
 
 class BadRow(Exception):
-    """A row that cannot be used; `reason` is its snake_case reason."""
+    """A row that cannot be used; `reason` is its snake_case reason, `detail` what a message adds to it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def source_files(path: str) -> list[Path]:
@@ -70,13 +73,7 @@ def _raw_rows(path: Path):
             raise UserError(f"{path}:1: invalid_utf8") from None
         if text.startswith("\ufeff"):
             raise UserError(f"{path}:1: byte_order_mark (save the file as UTF-8 without a BOM)")
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid_json ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}:1: json_not_an_array (a .json file holds one array of rows)")
-        yield from enumerate(rows, start=1)
+        yield from _array_rows(path, text)
         return
     empty = True
     with open(path, "rb") as f:
@@ -98,6 +95,42 @@ def _raw_rows(path: Path):
                     yield n, BadRow("invalid_json")
     if empty:
         raise EmptyFile(f"{path}: empty file")
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def _array_rows(path: Path, text: str):
+    """(1-based row, parsed row or BadRow) of a JSON array, parsed one row at a time (the text is held once, never
+    the whole array of rows as well). A file cut off inside the array (a download that stopped, a dump cut at a size
+    limit) keeps every complete row before the cut and yields what follows as one BadRow `truncated_json`; a row
+    that does not parse mid-file yields the rest as one `invalid_json` (the array cannot be resynchronised)."""
+    decoder, i = json.JSONDecoder(), _SPACE.match(text).end()
+    if not text.startswith("[", i):
+        raise UserError(f"{path}:1: json_not_an_array (a .json file holds one array of rows)")
+    closed = text.rstrip().endswith("]")
+    n, i = 0, _SPACE.match(text, i + 1).end()
+    while not text.startswith("]", i):
+        try:
+            row, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            line = text.count("\n", 0, i) + 1
+            if closed:
+                yield n + 1, BadRow("invalid_json", f"line {line}: {e.msg}; the rest of the array is not read")
+            else:
+                yield n + 1, BadRow("truncated_json", f"line {line}: the file ends inside row {n + 1}, cut off")
+            return
+        n += 1
+        yield n, row
+        i = _SPACE.match(text, end).end()
+        if text.startswith(",", i):
+            i = _SPACE.match(text, i + 1).end()
+        elif not text.startswith("]", i):
+            reason = "invalid_json" if closed else "truncated_json"
+            yield n + 1, BadRow(reason, f"line {text.count(chr(10), 0, i) + 1}: no , or ] after row {n}")
+            return
+    if text[i + 1 :].strip():
+        yield n + 1, BadRow("invalid_json", "text after the array's closing ]")
 
 
 def _present(m: dict) -> dict:
@@ -199,25 +232,26 @@ def validate(messages) -> str | None:
 
 
 def read_rows(path: str):
-    """Stream every row of every source under `path`: (source, 0-based row, messages or None, reason or None).
-    An empty file yields one (source, -1, None, "empty_file"): it holds no row to count, but is reported."""
+    """Stream every row of every source under `path`: (source, 0-based row, messages or None, reason or None,
+    detail). An empty file yields one (source, -1, None, "empty_file", ""): it holds no row to count, but is
+    reported."""
     for file in source_files(path):
         try:
             yield from _rows_of(file)
         except EmptyFile:
-            yield file.stem, -1, None, "empty_file"
+            yield file.stem, -1, None, "empty_file", ""
 
 
 def _rows_of(file: Path):
     for n, row in _raw_rows(file):
-        reason, messages = (row.reason, None) if isinstance(row, BadRow) else (None, None)
+        reason, detail, messages = (row.reason, row.detail, None) if isinstance(row, BadRow) else (None, "", None)
         if reason is None:
             try:
                 messages = normalise(row)
                 reason = validate(messages)
             except BadRow as e:
                 reason = e.reason
-        yield file.stem, n - 1, (messages if reason is None else None), reason
+        yield file.stem, n - 1, messages, reason, detail
 
 
 def location(path: str, source: str, row: int) -> str:
@@ -226,26 +260,52 @@ def location(path: str, source: str, row: int) -> str:
     return f"{files.get(source, path)}:{row + 1}"
 
 
-def iter_conversations(path: str, on_error: str, counts: dict | None = None):
+def trim_unpaired(messages: list[dict]) -> list[dict]:
+    """The conversation without its unpaired turns: answers before the first user turn (no question: real dumps hold
+    such cut-off conversations) and the user or tool turns after the last answer (no answer). A system turn stays."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    system = messages[:1] if roles[:1] == ["system"] else []
+    first_user = next((i for i, r in enumerate(roles) if r == "user"), len(roles))
+    last = max((i for i, r in enumerate(roles) if r == "assistant"), default=-1)
+    return system + messages[first_user : last + 1]
+
+
+def iter_conversations(path: str, on_error: str, counts: dict | None = None, unpaired: str = "drop",
+                       prepare=None):
     """Stream (source, 0-based row, messages) of the valid rows under `path` (a file or a folder of sources).
     A bad row raises `file:line: reason` (on_error='fail') or is counted in `counts` (on_error='skip'):
-    counts[source] = {"rows_read", "rows_kept", "rows_dropped", "dropped": {reason: n}, "empty_files"}."""
+    counts[source] = {"rows_read", "rows_kept", "rows_dropped", "dropped": {reason: n}, "empty_files",
+    "trimmed_turns"}. A conversation that ends on a user (or tool) turn is a bad row (`ends_on_user_turn`); with
+    unpaired='trim' it is kept without its unpaired turns (trim_unpaired), the turns cut counted as trimmed_turns.
+    prepare(messages), when given, is yielded instead of the messages; a BadRow it raises makes the row a bad one
+    (the render stage renders with a model's own template there, which can refuse a conversation)."""
     counts = {} if counts is None else counts
     fix = "fix the row, or set render.on_error: skip to drop bad rows and count them"
-    for source, row, messages, reason in read_rows(path):
+    for source, row, messages, reason, detail in read_rows(path):
         c = counts.setdefault(source, {"rows_read": 0, "rows_kept": 0, "rows_dropped": 0, "dropped": {},
-                                       "empty_files": 0})
+                                       "empty_files": 0, "trimmed_turns": 0})
+        if unpaired == "trim" and messages is not None and (reason in ("ends_on_user_turn", "ends_on_tool_turn")
+                                                            or reason is None):
+            kept = trim_unpaired(messages)
+            if len(kept) < len(messages) and validate(kept) is None:
+                c["trimmed_turns"] += len(messages) - len(kept)
+                messages, reason = kept, None
         if reason == "empty_file":
             if on_error == "fail":
                 raise UserError(f"{location(path, source, 0).rsplit(':', 1)[0]}: empty file; {fix}")
             c["empty_files"] += 1
             continue
         c["rows_read"] += 1
+        if reason is None and prepare is not None:
+            try:
+                messages = prepare(messages)
+            except BadRow as e:
+                reason, detail = e.reason, e.detail
         if reason is None:
             c["rows_kept"] += 1
             yield source, row, messages
         elif on_error == "fail":
-            raise UserError(f"{location(path, source, row)}: {reason}; {fix}")
+            raise UserError(f"{location(path, source, row)}: {reason}{f' ({detail})' if detail else ''}; {fix}")
         else:
             c["rows_dropped"] += 1
             c["dropped"][reason] = c["dropped"].get(reason, 0) + 1

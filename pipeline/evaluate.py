@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from pipeline.common import Compute, UserError, atomic_file, setup_compute, write_json
+from pipeline.common import IGNORE_INDEX, Compute, UserError, atomic_file, setup_compute, write_json
 from pipeline.config import DuringTrainConfig, EvaluateConfig
 from pipeline.data import read_conversations
 from pipeline.generate import generate
@@ -37,15 +37,15 @@ def answer(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_siz
 
 def answer_ids(model, tok, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
                compute: Compute) -> list[tuple[str, bool]]:
-    end = layout(tok).end
+    ends = layout(tok).ends  # every id that ends an answer
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     results: list = [None] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not sys.stderr.isatty()):
         idx = order[start : start + batch_size]
         with compute.autocast():
-            outs = generate(model, [encoded[i] for i in idx], max_new_tokens, stop_id=end)
+            outs = generate(model, [encoded[i] for i in idx], max_new_tokens, stop_id=ends)
         for i, out in zip(idx, outs):
-            stopped = bool(out) and out[-1] == end
+            stopped = bool(out) and out[-1] in ends
             results[i] = (tok.decode(out[:-1] if stopped else out).strip(), stopped)
     return results
 
@@ -92,9 +92,10 @@ def written_answer(messages: list[dict], text: str, tok: Tokenizer) -> tuple[lis
     gives that turn's content `text` (its end token left out): what the model was trained to write there. In the
     markers format content is encoded with a prefix space (" b"); in ChatML it follows "assistant\n" ("b")."""
     prompt = render_prompt(messages, tok)
-    ids = render(messages + [{"role": "assistant", "content": text}], tok)[0]
-    assert ids[: len(prompt)] == prompt, f"the assistant header merged with {text!r}: no answer ids of its own"
-    return prompt, ids[len(prompt) : len(ids) - 1 - len(layout(tok).after_end)]
+    ids, mask = render(messages + [{"role": "assistant", "content": text}], tok)
+    a, b = last_answer(ids, mask)
+    assert ids[:a] == prompt, f"the assistant header merged with {text!r}: no answer ids of its own"
+    return prompt, [t for t in ids[a:b] if t not in layout(tok).ends]
 
 
 def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, compute: Compute, name: str) -> list[dict]:
@@ -125,22 +126,31 @@ def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, comput
 
 
 # ---- during training --------------------------------------------------------------------------------------
+def last_answer(ids, mask) -> tuple[int, int]:
+    """(start, end) of the last run of trained positions of a rendered conversation: its last answer and end token
+    (the trained positions are where the renderer put the answers, whatever the chat format)."""
+    trained = np.flatnonzero(np.asarray(mask))
+    if not len(trained):
+        return 0, 0
+    breaks = np.flatnonzero(np.diff(trained) > 1)
+    return int(trained[breaks[-1] + 1] if len(breaks) else trained[0]), int(trained[-1]) + 1
+
+
 def dev_prompts(arrays: dict, tok, n: int) -> list[tuple[list[int], str]]:
-    """The first n conversations of packed rows as (prompt ids up to the last assistant header, gold answer text):
-    the packed dev split is all the training stage has, and it holds the rendered conversations whole."""
+    """The first n conversations of packed rows as (prompt ids up to where the last answer begins, gold answer text):
+    the packed dev split is all the training stage has, and it holds the rendered conversations whole, with the
+    labels that say where the answers are."""
     lay = layout(tok)
     header = lay.header_ids("assistant")
     out = []
-    for ids, doc in zip(arrays["ids"], arrays["doc"]):
+    for ids, labels, doc in zip(arrays["ids"], arrays["labels"], arrays["doc"]):
         for d in dict.fromkeys(doc[doc >= 0].tolist()):
-            seg = ids[doc == d]
-            starts = lay.starts(seg, "assistant")
-            if not len(starts) or seg[starts[-1] : starts[-1] + len(header)].tolist() != header:
-                continue  # no assistant turn, or its header merged with its text (the prompt would differ)
-            at = int(starts[-1]) + len(header)
-            gold = seg[at:].tolist()
-            gold = gold[: gold.index(lay.end)] if lay.end in gold else gold
-            out.append((seg[:at].tolist(), tok.decode(gold).strip()))
+            seg, trained = ids[doc == d], labels[doc == d] != IGNORE_INDEX
+            a, b = last_answer(seg, trained)
+            if a == 0 or (header and seg[max(0, a - len(header)) : a].tolist() != header):
+                continue  # nothing trained, or the header merged with the answer (the prompt would differ)
+            gold = [t for t in seg[a:b].tolist() if t not in lay.ends]
+            out.append((seg[:a].tolist(), tok.decode(gold).strip()))
             if len(out) == n:
                 return out
     return out

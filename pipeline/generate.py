@@ -164,9 +164,10 @@ def give_up_compiling(err: Exception) -> None:
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_id: int | list[int],
              sampling: Sampling = GREEDY, compile: bool = False) -> list[list[int]]:
-    """New tokens per prompt, ending with `stop_id` when the row stopped within max_new_tokens.
+    """New tokens per prompt, ending with a stop id (`stop_id`: one, or every end id the model declares, as Llama 3
+    declares several) when the row stopped within max_new_tokens.
     Prompts are left-padded: row i of the batch has its tokens in the last len(prompt_i) slots, positions
     counting from 0 at its first real token, and attention never reads a pad slot. Rows that stopped are
     dropped from the batch as more of them finish, so a few long answers do not carry the whole batch.
@@ -188,10 +189,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     out = [None] * B  # the answer of each prompt, by original index
     pos = torch.tensor([[len(prompts[i])] for i in order], device=device)  # (b, 1) position of the next token
     step_fn = compiled_hidden() if compile else None
+    stops = torch.tensor(stop_id if isinstance(stop_id, list) else [stop_id], device=device)
     for step in range(max_new_tokens):
         tok = pick(logits, sampling, gen)  # (b,)
         new[:, step] = tok
-        hit = tok == stop_id
+        hit = torch.isin(tok, stops)
         if hit.any():  # the step's one read of a result on the host; the rest runs only when a row stops
             for r in hit.nonzero()[:, 0].tolist():
                 if not done[r]:

@@ -74,13 +74,21 @@ def best_fit_decreasing(lengths, block_size: int) -> tuple[np.ndarray, np.ndarra
     return row, offset, n_rows
 
 
-def rendered_header(path: str) -> tuple[int, ...]:
-    """The assistant header ids recorded by the render stage in the parquet's metadata (the chat format's)."""
+def rendered_headers(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The assistant and user header ids recorded by the render stage in the parquet's metadata (the format's)."""
     meta = pq.read_schema(path).metadata or {}
-    if b"assistant_header" not in meta:
-        raise UserError(f"{path}: no assistant_header in its metadata (written by an older render stage); rerun the "
+    if b"assistant_header" not in meta or b"user_header" not in meta:
+        raise UserError(f"{path}: no header ids in its metadata (written by an older render stage); rerun the "
                         "render stage (`dvc repro -f render`)")
-    return tuple(json.loads(meta[b"assistant_header"]))
+    return tuple(json.loads(meta[b"assistant_header"])), tuple(json.loads(meta[b"user_header"]))
+
+
+def starts(x: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+    """Positions where the ids `key` begin in x."""
+    if not key or len(x) < len(key):
+        return np.zeros(0, np.int64)
+    n = len(x) - len(key) + 1
+    return np.flatnonzero(np.all([x[j : n + j] == key[j] for j in range(len(key))], axis=0))
 
 
 def overlong_error(where: str, n: int, block_size: int) -> UserError:
@@ -88,21 +96,29 @@ def overlong_error(where: str, n: int, block_size: int) -> UserError:
                      "or set pack.overlong to drop or truncate")
 
 
-def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: tuple[int, ...] = ()) -> int:
-    """How many tokens of a rendered conversation go into the pack (0: dropped). Truncation cuts only the tail of
-    the last assistant turn, keeping its header (`header` ids) and at least one of its tokens; otherwise the row
-    is dropped."""
+def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: tuple[int, ...] = (),
+        user_header: tuple[int, ...] = (), labels: np.ndarray | None = None) -> int:
+    """How many leading tokens of a rendered conversation go into the pack (0: dropped).
+    truncate: cut only the tail of the last assistant turn, keeping its header (`header` ids) and at least one of
+    its tokens. exchanges: keep the longest run of whole leading exchanges that fits, cut where a user turn
+    (`user_header`) begins after the first trained answer (`labels`); when not even that exchange fits, cut its
+    answer (a cut answer has no end token, so it never teaches stopping mid-sentence). Otherwise dropped."""
     if len(x) <= block_size:
         return len(x)
     if overlong == "fail":
         raise overlong_error(where, len(x), block_size)
-    if overlong == "truncate":
-        assert header, "truncation needs the assistant header ids (rendered_header)"
-        h = len(header)
-        at = np.flatnonzero(np.all([x[j : len(x) - h + 1 + j] == header[j] for j in range(h)], axis=0))
-        if len(at) and at[-1] + h < block_size:
-            return block_size
-    return 0
+    if overlong not in ("truncate", "exchanges"):
+        return 0
+    if overlong == "exchanges":
+        assert labels is not None, "the exchanges policy needs the labels (where the first trained answer is)"
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if not len(trained) or trained[0] >= block_size:
+            return 0
+        cuts = starts(x, user_header)  # a user turn after the first trained answer: whole exchanges before it
+        cuts = cuts[(cuts > trained[0]) & (cuts <= block_size)]
+        return int(cuts[-1]) if len(cuts) else block_size  # else the first answer, cut
+    heads = starts(x, header)
+    return block_size if len(heads) and heads[-1] + len(header) < block_size else 0  # the last answer, cut
 
 
 def _scatter(write, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, k: np.ndarray, fits: np.ndarray,
@@ -127,11 +143,18 @@ def _into(arrays: dict):
     return write
 
 
-def _report(lengths: np.ndarray, fits: np.ndarray, sources: np.ndarray, n: int, B: int, trained: int) -> dict:
+def exchanges_left(x: np.ndarray, kept: int, user_header: tuple[int, ...]) -> int:
+    """The exchanges (user turns) of a conversation cut to `kept` tokens that begin at or after the cut."""
+    return int((starts(x, user_header) >= kept).sum()) if 0 < kept < len(x) else 0
+
+
+def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np.ndarray, n: int, B: int,
+            trained: int) -> dict:
     tokens_in, packed = int(lengths.sum()), int(fits.sum())
     report = {
         "conversations": len(lengths), "packed": int((fits > 0).sum()), "dropped_overlong": int((fits == 0).sum()),
-        "truncated": int(((fits > 0) & (fits < lengths)).sum()), "tokens_in": tokens_in, "tokens_packed": packed,
+        "truncated": int(((fits > 0) & (fits < lengths)).sum()), "exchanges_left_out": int(left.sum()),
+        "tokens_in": tokens_in, "tokens_packed": packed,
         "tokens_dropped": tokens_in - packed, "rows": n, "block_size": B,
         "utilisation": packed / max(1, n * B), "padding_tokens": n * B - packed,
         "ideal_utilisation": packed / max(1, -(-packed // B) * B),  # every row full but the last
@@ -144,14 +167,15 @@ def _report(lengths: np.ndarray, fits: np.ndarray, sources: np.ndarray, n: int, 
         report["sources"][name] = {
             "conversations": int(sel.sum()), "dropped_overlong": int((fits[sel] == 0).sum()),
             "truncated": int(((fits[sel] > 0) & (fits[sel] < lengths[sel])).sum()),
-            "tokens_dropped": s_in - s_packed,
+            "exchanges_left_out": int(left[sel].sum()), "tokens_dropped": s_in - s_packed,
             "token_share_before": s_in / max(1, tokens_in), "token_share_after": s_packed / max(1, packed),
         }
     return report
 
 
 def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sources=None, rows=None,
-         out: str | None = None, header: tuple[int, ...] = ()) -> tuple[dict, dict]:
+         out: str | None = None, header: tuple[int, ...] = (), user_header: tuple[int, ...] = ()
+         ) -> tuple[dict, dict]:
     """Pack whole conversations held in memory into rows; returns the arrays (rows, block_size) and a report (per
     source when `sources` names each conversation's source). With `out`, the arrays are also saved there as .npy
     and returned memory-mapped. `pack_rendered` does the same from a rendered parquet, without holding its tokens."""
@@ -159,22 +183,23 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     n_conv = len(ids)
     sources = np.asarray(sources if sources is not None else ["all"] * n_conv, dtype=object)
     lengths = np.fromiter((len(x) for x in ids), np.int64, n_conv)
-    fits = lengths.copy()
+    fits, left = lengths.copy(), np.zeros(n_conv, np.int64)
     for i in np.flatnonzero(lengths > B):
         where = f"conversation {i}" if rows is None else f"{sources[i]}:{int(rows[i]) + 1}"
-        fits[i] = fit(ids[i], B, cfg.overlong, where, header)
+        fits[i] = fit(ids[i], B, cfg.overlong, where, header, user_header, labels[i])
+        left[i] = exchanges_left(ids[i], fits[i], user_header)
     keep = np.flatnonzero(fits > 0)
     row, offset, n = np.full(n_conv, -1), np.full(n_conv, -1), 0
     if len(keep):
         row[keep], offset[keep], n = best_fit_decreasing(fits[keep], B)
     arrays = {name: np.full((n, B), PADDING[name], np.int32) for name in ARRAYS}
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = [np.concatenate(x).astype(np.int32, copy=False) if n_conv else np.zeros(0, np.int32) for x in (ids, labels)]
-    trained = _scatter(_into(arrays), *flat, starts[keep], keep, fits, row, offset, B)
+    trained = _scatter(_into(arrays), *flat, first[keep], keep, fits, row, offset, B)
     if out is not None:
         save_packed(arrays, out)
         arrays = load_packed(out)
-    return arrays, _report(lengths, fits, sources, n, B, trained)
+    return arrays, _report(lengths, fits, left, sources, n, B, trained)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:
@@ -191,23 +216,31 @@ class RenderedIndex:
     fits: np.ndarray  # tokens that go into the pack under pack.overlong (0: dropped; `fail` is checked at packing)
     sources: np.ndarray  # source names (object)
     rows: np.ndarray  # 0-based rows in their source
+    left: np.ndarray  # exchanges left out of a conversation cut to fit (pack.overlong: truncate or exchanges)
 
 
 def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
     """Lengths from the list offsets, one row group at a time; only an overlong conversation's tokens are looked
-    at (truncation searches them for the last assistant header)."""
+    at (truncation searches them for the header ids the render stage recorded)."""
     f = pq.ParquetFile(path)
-    header = rendered_header(path)
-    lengths, fits = [], []
+    header, user_header = rendered_headers(path)
+    policy = "drop" if cfg.overlong == "fail" else cfg.overlong  # fail: checked at packing, naming the row
+    lengths, fits, left = [], [], []
+    columns = ["input_ids", "labels"] if policy == "exchanges" else ["input_ids"]
     for g in range(f.num_row_groups):
-        values, off = _flat(f.read_row_group(g, columns=["input_ids"]).column("input_ids"))
+        group = f.read_row_group(g, columns=columns)
+        values, off = _flat(group.column("input_ids"))
+        labels = _flat(group.column("labels"))[0] if policy == "exchanges" else None
         n = np.diff(off)
-        m = n.copy()
+        m, cut = n.copy(), np.zeros(len(n), np.int64)
         for i in np.flatnonzero(n > cfg.block_size):
-            m[i] = fit(values[off[i] : off[i + 1]], cfg.block_size, "drop" if cfg.overlong == "fail" else cfg.overlong,
-                       header=header)
+            x = values[off[i] : off[i + 1]]
+            m[i] = fit(x, cfg.block_size, policy, header=header, user_header=user_header,
+                       labels=None if labels is None else labels[off[i] : off[i + 1]])
+            cut[i] = exchanges_left(x, m[i], user_header)
         lengths.append(n)
         fits.append(m)
+        left.append(cut)
     meta = pq.ParquetFile(path, read_dictionary=["source"]).read(columns=["source", "source_row"])
     names: dict[str, int] = {}
     codes = [np.zeros(0, np.int64)]
@@ -215,8 +248,9 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
         local = np.array([names.setdefault(s, len(names)) for s in chunk.dictionary.to_pylist()], np.int64)
         codes.append(local[chunk.indices.to_numpy(zero_copy_only=False)])
     sources = np.array(list(names), dtype=object)[np.concatenate(codes)]  # one string object per source
-    return RenderedIndex(np.concatenate([np.zeros(0, np.int64)] + lengths),
-                         np.concatenate([np.zeros(0, np.int64)] + fits), sources, meta.column("source_row").to_numpy())
+    joined = (np.concatenate([np.zeros(0, np.int64)] + parts) for parts in (lengths, fits, left))
+    lengths, fits, left = joined
+    return RenderedIndex(lengths, fits, sources, meta.column("source_row").to_numpy(), left)
 
 
 def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackConfig, out: str,
@@ -227,7 +261,7 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
     pass over the row groups spills each conversation's tokens to its window's file (sequential appends), then
     each window is filled in memory from its spill and written out. Temporary disk: 8 bytes a packed token."""
     B = cfg.block_size
-    lengths, fits, sources = index.lengths[order], index.fits[order], index.sources[order]
+    lengths, fits, left, sources = index.lengths[order], index.fits[order], index.left[order], index.sources[order]
     if cfg.overlong == "fail" and (lengths > B).any():
         i = order[np.argmax(lengths > B)]
         raise overlong_error(f"{index.sources[i]}:{int(index.rows[i]) + 1}", int(index.lengths[i]), B)
@@ -260,7 +294,7 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
         finally:
             for f in files.values():
                 f.close()
-    return _report(lengths, fits, sources, n, B, trained)
+    return _report(lengths, fits, left, sources, n, B, trained)
 
 
 def _spill(path: str, by_file: np.ndarray, file_rows: np.ndarray, order: np.ndarray, fits: np.ndarray,

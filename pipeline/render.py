@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from pipeline.common import IGNORE_INDEX, UserError
 from pipeline.config import RenderConfig
-from pipeline.data import iter_conversations
-from pipeline.template import ROLES, layout, render_flat
+from pipeline.data import BadRow, iter_conversations
+from pipeline.model_template import Unlocatable
+from pipeline.template import ROLES, layout, own_rows, render_flat, tokenize_rows
 
 # what render writes and pack reads; the parquet's metadata also records the format's assistant header ids
 RENDERED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
@@ -26,7 +27,7 @@ def _zero_stats() -> dict:
 
 
 def _zero_counts() -> dict:
-    return {"rows_read": 0, "rows_kept": 0, "rows_dropped": 0, "dropped": {}, "empty_files": 0}
+    return {"rows_read": 0, "rows_kept": 0, "rows_dropped": 0, "dropped": {}, "empty_files": 0, "trimmed_turns": 0}
 
 
 class MaskStats:
@@ -38,23 +39,28 @@ class MaskStats:
         self.end = self.layout.end
         self.stats: dict[str, dict] = {}
 
-    def add(self, source: str, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
-        """Conversations of one source end to end: conversation k is ids[offsets[k]:offsets[k+1]]."""
+    def add(self, source: str, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray,
+            roles: np.ndarray | None = None) -> None:
+        """Conversations of one source end to end: conversation k is ids[offsets[k]:offsets[k+1]]. The role of each
+        token is found from the ids (role headers), or given by a model's own template's renderer (`roles`)."""
         s = self.stats.setdefault(source, _zero_stats())
         s["tokens"] += len(ids)
         s["trained_tokens"] += int(mask.sum())
         per_row = np.add.reduceat(mask.astype(np.int64), offsets[:-1]) if len(ids) else np.zeros(0)
         s["fully_masked_rows"] += int((per_row == 0).sum())
-        code = np.full(len(ids), -1, np.int64)  # role index at each turn's first token, then carried forward
-        for r, role in enumerate(ROLES):
-            code[self.layout.starts(ids, role)] = r
-        last = np.maximum.accumulate(np.where(code >= 0, np.arange(len(ids)), 0)) if len(ids) else code
-        role_at = code[last]  # every conversation starts with a header, so this never crosses rows
+        if roles is None:
+            code = np.full(len(ids), -1, np.int64)  # role index at each turn's first token, then carried forward
+            for r, role in enumerate(ROLES):
+                code[self.layout.starts(ids, role)] = r
+            last = np.maximum.accumulate(np.where(code >= 0, np.arange(len(ids)), 0)) if len(ids) else code
+            role_at = code[last]  # every conversation starts with a header, so this never crosses rows
+        else:
+            role_at = roles.astype(np.int64)
         for r, role in enumerate(ROLES):
             in_role = role_at == r
             s["roles"][role]["tokens"] += int(in_role.sum())
             s["roles"][role]["trained_tokens"] += int((in_role & mask).sum())
-        ends = (ids == self.end) & (role_at == list(ROLES).index("assistant"))
+        ends = np.isin(ids, self.layout.ends) & (role_at == list(ROLES).index("assistant"))
         s["assistant_ends"] += int(ends.sum())
         s["assistant_ends_trained"] += int((ends & mask).sum())
 
@@ -62,6 +68,7 @@ class MaskStats:
 def _summary(c: dict, s: dict) -> dict:
     out = {"rows_read": c["rows_read"], "rows_kept": c["rows_kept"], "rows_dropped": c["rows_dropped"],
            "dropped": dict(sorted(c["dropped"].items())), "empty_files": c["empty_files"],
+           "trimmed_turns": c["trimmed_turns"],
            "tokens": s["tokens"], "trained_tokens": s["trained_tokens"],
            "trained_fraction": s["trained_tokens"] / max(1, s["tokens"]),
            "assistant_end_trained_fraction": s["assistant_ends_trained"] / max(1, s["assistant_ends"]),
@@ -79,7 +86,7 @@ def mask_report(counts: dict, stats: MaskStats) -> dict:
     per = {src: _summary(c, stats.stats.get(src) or _zero_stats()) for src, c in sorted(counts.items())}
     total_counts, total_stats = _zero_counts(), _zero_stats()
     for c in counts.values():
-        for k in ("rows_read", "rows_kept", "rows_dropped", "empty_files"):
+        for k in ("rows_read", "rows_kept", "rows_dropped", "empty_files", "trimmed_turns"):
             total_counts[k] += c[k]
         for reason, n in c["dropped"].items():
             total_counts["dropped"][reason] = total_counts["dropped"].get(reason, 0) + n
@@ -101,31 +108,43 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
     counts: dict = {}
     stats = MaskStats(tok)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(layout(tok).header_ids("assistant"))})
+    lay = layout(tok)  # the header ids pack's overlong policies cut at
+    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(lay.header_ids("assistant")),
+                                            "user_header": json.dumps(lay.header_ids("user"))})
     writer = pq.ParquetWriter(out, schema)
     bar = tqdm(desc=progress or f"render {path}", unit=" rows", disable=None, mininterval=1.0)
 
     def flush(batch):
-        ids, mask, off = render_flat([m for _, _, m in batch], tok, cfg.train_on)
-        sources = [s for s, _, _ in batch]
+        if own:  # prepared in the reading loop: (messages, rows of the model's own template)
+            ids, mask, off, conv, roles = tokenize_rows([rows for _, _, (_, rows) in batch], tok)
+        else:
+            ids, mask, off, conv, roles = render_flat([m for _, _, m in batch], tok, cfg.train_on)
+        sources = [batch[k][0] for k in conv]  # per rendered row (a template may make several rows of one)
         for src in dict.fromkeys(sources):  # per-source statistics, in order of appearance
             sel = [k for k, s in enumerate(sources) if s == src]
-            if len(sel) == len(batch):
-                stats.add(src, ids, mask, off)
-            else:
-                parts = [(off[k], off[k + 1]) for k in sel]
-                lens = np.array([b - a for a, b in parts])
-                stats.add(src, np.concatenate([ids[a:b] for a, b in parts]),
-                          np.concatenate([mask[a:b] for a, b in parts]), np.concatenate([[0], np.cumsum(lens)]))
+            parts = [(off[k], off[k + 1]) for k in sel]
+            lens = np.array([b - a for a, b in parts])
+            pick = (lambda a: a) if len(sel) == len(sources) else \
+                (lambda a: np.concatenate([a[x:y] for x, y in parts]))  # noqa: E731
+            stats.add(src, pick(ids), pick(mask), np.concatenate([[0], np.cumsum(lens)]),
+                      None if roles is None else pick(roles))
         labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
         offsets = pa.array(off.astype(np.int32))
         writer.write_table(pa.table({
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
             "source": pa.array(sources, pa.string()),
-            "source_row": pa.array([r for _, r, _ in batch], pa.int64()),
+            "source_row": pa.array([batch[k][1] for k in conv], pa.int64()),
         }, schema=schema))
         bar.update(len(batch))
+
+    own = getattr(tok, "own_template", None) is not None
+
+    def prepare(messages):  # a model's own template renders here: a conversation it cannot place is a bad row
+        try:
+            return messages, own_rows(messages, tok, cfg.train_on)
+        except Unlocatable as e:
+            raise BadRow(e.reason) from None
 
     try:
         # batch k is tokenized and written in a thread (the tokenizer releases the GIL) while batch k+1 is read
@@ -133,7 +152,7 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
         with ThreadPoolExecutor(1) as pool:
             batch, pending = [], None
             try:
-                for item in iter_conversations(path, cfg.on_error, counts):
+                for item in iter_conversations(path, cfg.on_error, counts, cfg.unpaired, prepare if own else None):
                     batch.append(item)
                     if len(batch) == cfg.batch_size:
                         if pending is not None:

@@ -11,12 +11,14 @@ Never trained: role headers (the assistant's included), the newline after an end
 import dataclasses
 import functools
 import json
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline.common import UserError
 from pipeline.config import CHAT_FORMATS, TRAIN_ON
+from pipeline.model_template import OwnTemplate, Row, Unlocatable
 
 PAD, USER, ASSISTANT, SYSTEM, END, TOOL = "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|tool|>"
 SPECIAL_TOKENS = [PAD, USER, ASSISTANT, SYSTEM, END, TOOL]  # ids 0..5, in this order; 0..4 are required
@@ -54,15 +56,35 @@ MARKERS = FORMATS["markers"]
 assert tuple(FORMATS) == CHAT_FORMATS, "pipeline/config.py names the formats defined here"
 
 
+@dataclasses.dataclass(frozen=True)
+class TemplateFormat:
+    """A model's own Jinja chat template as a chat format (tokenizer.chat_format: template), with the attributes of
+    ChatFormat that describe a format to its users: its end token, the text a role's turn begins with."""
+    own: OwnTemplate
+    name: str = "template"
+
+    @property
+    def end(self) -> str:
+        return self.own.ends[0]
+
+    def header(self, role: str) -> str:
+        return self.own.header_text(role)
+
+    def describe(self) -> str:
+        return "the model's own chat template (the Jinja `chat_template` of its tokenizer_config.json)"
+
+
 def _has_special(tok: Tokenizer, text: str) -> bool:
     i = tok.token_to_id(text)
     return i is not None and text in {t.content for t in tok.get_added_tokens_decoder().values()}
 
 
-def chat_format(tok: Tokenizer) -> ChatFormat:
-    """The format a tokenizer speaks, from its special tokens: markers when it has <|user|> <|assistant|> <|end|>,
-    else chatml when it has <|im_start|> <|im_end|>."""
-    return _detect(tok)
+def chat_format(tok: Tokenizer) -> ChatFormat | TemplateFormat:
+    """The format a tokenizer speaks: the model's own template when load_tokenizer attached one (`own_template`),
+    else from its special tokens: markers when it has <|user|> <|assistant|> <|end|>, chatml when it has
+    <|im_start|> <|im_end|>."""
+    own = getattr(tok, "own_template", None)
+    return TemplateFormat(own) if own is not None else _detect(tok)
 
 
 @functools.lru_cache(maxsize=32)
@@ -87,6 +109,11 @@ class Layout:
     after_end: list
     pad: int
 
+    @property
+    def ends(self) -> list[int]:
+        """Every id that ends an answer (generation stops at any of them)."""
+        return [self.end]
+
     def header_ids(self, role: str) -> list[int]:
         if self.lead[role] is None:
             raise UserError(f"the tokenizer has no {self.fmt.header(role).strip()} marker (made before the tool "
@@ -95,18 +122,64 @@ class Layout:
 
     def starts(self, ids: np.ndarray, role: str) -> np.ndarray:
         """Positions in `ids` where a turn of `role` begins (its key ids match there)."""
-        key = self.key[role]
-        if key is None or len(ids) < len(key):
-            return np.zeros(0, np.int64)
-        hit = np.ones(len(ids) - len(key) + 1, bool)
-        for j, k in enumerate(key):
-            hit &= ids[j : len(ids) - len(key) + 1 + j] == k
-        return np.flatnonzero(hit)
+        return find(ids, self.key[role])
+
+
+def find(ids: np.ndarray, key: list[int] | None) -> np.ndarray:
+    """Positions in `ids` where the ids `key` begin."""
+    if not key or len(ids) < len(key):
+        return np.zeros(0, np.int64)
+    hit = np.ones(len(ids) - len(key) + 1, bool)
+    for j, k in enumerate(key):
+        hit &= ids[j : len(ids) - len(key) + 1 + j] == k
+    return np.flatnonzero(hit)
+
+
+@dataclasses.dataclass
+class TemplateLayout:
+    """A model's own template bound to its tokenizer's ids: its end ids, padding, and the ids a role's turn begins
+    with (read from renderings; empty where the template writes none)."""
+    fmt: TemplateFormat
+    ends: list[int]
+    pad: int
+    headers: dict  # role -> ids
+    after_end: tuple = ()
+
+    @property
+    def end(self) -> int:
+        return self.ends[0]
+
+    def header_ids(self, role: str) -> list[int]:
+        return self.headers[role]
+
+    def starts(self, ids: np.ndarray, role: str) -> np.ndarray:
+        return find(ids, self.headers[role])
+
+
+def text_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer that encodes a template's rendered text: special tokens written by the template (BOS, headers,
+    end tokens) are parsed as such. Content never holds one: own_rows refuses such a conversation."""
+    parsing = getattr(tok, "parsing", None)
+    if parsing is None:
+        parsing = tok.parsing = Tokenizer.from_str(tok.to_str())
+        parsing.encode_special_tokens = False
+    return parsing
 
 
 @functools.lru_cache(maxsize=32)
-def layout(tok: Tokenizer, fmt: ChatFormat | None = None) -> Layout:
+def layout(tok: Tokenizer, fmt: ChatFormat | None = None) -> Layout | TemplateLayout:
     fmt = fmt or chat_format(tok)
+    if isinstance(fmt, TemplateFormat):
+        encode = lambda text: text_tokenizer(tok).encode(text, add_special_tokens=False).ids  # noqa: E731
+        headers = {}
+        for role in ROLES:
+            try:
+                headers[role] = encode(fmt.header(role)) if role in ("user", "assistant") else []
+            except Unlocatable:
+                headers[role] = []
+        ends = [tok.token_to_id(e) for e in fmt.own.ends]
+        pad = tok.token_to_id(dict(fmt.own.variables).get("pad_token") or "") or ends[0]
+        return TemplateLayout(fmt, ends, pad, headers)
     specials = [t for t in fmt.specials if tok.token_to_id(t) is not None]
     lead, tail, tail_ids, key = {}, {}, {}, {}
     for role in ROLES:
@@ -128,8 +201,11 @@ def layout(tok: Tokenizer, fmt: ChatFormat | None = None) -> Layout:
     return Layout(fmt, lead, tail, tail_ids, key, tok.token_to_id(fmt.end), after_end, pad)
 
 
-def chat_template(fmt: ChatFormat = MARKERS) -> str:
-    """The Jinja chat template that writes `render_text` for this format (transformers' apply_chat_template)."""
+def chat_template(fmt: ChatFormat | TemplateFormat = MARKERS) -> str:
+    """The Jinja chat template that writes `render_text` for this format (transformers' apply_chat_template): ours,
+    or the model's own, unchanged."""
+    if isinstance(fmt, TemplateFormat):
+        return fmt.own.source
     lit = lambda text: "{{ " + json.dumps(text) + " }}"  # noqa: E731  (a literal that whitespace control keeps)
     return (
         "{%- for message in messages -%}"
@@ -189,11 +265,67 @@ def _split_header(tok: Tokenizer, lay: Layout, role: str, text: str, ids: list[i
     return enc.ids[:cut], enc.ids[cut:]
 
 
-def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str = "all_assistant"
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated conversations -> (ids int32, mask bool, offsets int64), all conversations end to end;
-    conversation k is ids[offsets[k]:offsets[k+1]]. Turn texts go through one encode_batch call."""
+class Rendered(NamedTuple):
+    """Rendered rows end to end: row k is ids[offsets[k]:offsets[k+1]], mask[t] True where ids[t] is trained; each
+    row comes from conversation conv[k] of the input (a model's own template may make several rows of one); roles
+    holds each token's role (an index into ROLES) where the renderer knows it (own templates), else None."""
+    ids: np.ndarray  # int32
+    mask: np.ndarray  # bool
+    offsets: np.ndarray  # int64
+    conv: np.ndarray  # int64
+    roles: np.ndarray | None  # int8
+
+
+def own_rows(conversation: list[dict], tok: Tokenizer, train_on: str = "all_assistant") -> list[Row]:
+    """The training rows of a conversation under the model's own template (pipeline/model_template.py); raises
+    Unlocatable with the reason when its answers cannot be placed, or when a message holds the exact text of a special
+    token (the whole rendered text is parsed for them, so it would become that token)."""
+    specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+    for m in conversation:
+        text = (m.get("content") or "") + json.dumps(m.get("tool_calls") or "", ensure_ascii=False)
+        if any(s in text for s in specials):
+            raise Unlocatable("special_token_in_content")
+    own = tok.own_template
+    if train_on == "everything":  # every message's text but tool results: the whole rendering, one row
+        full = own.render(conversation)
+        starts = own.message_starts(full, [own.render(conversation[: j + 1]) for j in range(len(conversation))])
+        spans = [(a, b) for a, b, m in zip(starts, starts[1:] + [len(full)], conversation) if m["role"] != "tool"]
+        return [Row(full, spans, starts, [m["role"] for m in conversation], len(full))]
+    return own.rows(conversation, _trained_turns(conversation, train_on))
+
+
+def tokenize_rows(rows: list[list[Row]], tok: Tokenizer) -> Rendered:
+    """Rows of own_rows (per conversation) -> Rendered: each row's text encoded once, special tokens parsed; a token
+    is trained when it starts inside a trained span, and belongs to the message whose text it starts in."""
+    flat = [(k, row) for k, conv_rows in enumerate(rows) for row in conv_rows]
+    encoded = text_tokenizer(tok).encode_batch([row.text for _, row in flat], add_special_tokens=False) if flat else []
+    role_code = {role: i for i, role in enumerate(ROLES)}
+    ids, masks, roles, offsets = [], [], [], [0]
+    for (_, row), enc in zip(flat, encoded):
+        start = np.array([a for a, _ in enc.offsets], np.int64)
+        mask = np.zeros(len(start), np.bool_)
+        for a, b in row.trained:
+            mask |= (start >= a) & (start < b)
+        message = np.searchsorted(np.array(row.message_starts), start, side="right") - 1
+        role = np.array([role_code[r] for r in row.roles], np.int8)[np.maximum(message, 0)]
+        roles.append(np.where(start >= row.closing_at, -1, role).astype(np.int8))  # -1: after every message
+        ids.append(np.array(enc.ids, np.int32))
+        masks.append(mask)
+        offsets.append(offsets[-1] + len(enc.ids))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return Rendered(cat(ids, np.int32), cat(masks, np.bool_), np.array(offsets, np.int64),
+                    np.array([k for k, _ in flat], np.int64), cat(roles, np.int8))
+
+
+def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str = "all_assistant") -> Rendered:
+    """Validated conversations -> Rendered rows, all end to end. Our formats: one row a conversation, turn texts
+    through one encode_batch call; a model's own template: own_rows, then tokenize_rows."""
     assert train_on in TRAIN_ON, f"train_on must be one of {TRAIN_ON}, got {train_on!r}"
+    if getattr(tok, "own_template", None) is not None:
+        try:
+            return tokenize_rows([own_rows(c, tok, train_on) for c in conversations], tok)
+        except Unlocatable as e:
+            raise UserError(f"the model's chat template: {e.reason}") from None
     lay = layout(tok)
     for role in {m["role"] for conv in conversations for m in conv}:
         lay.header_ids(role)  # a clear error for a role the tokenizer has no marker for
@@ -218,7 +350,7 @@ def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str =
             flags += (trained and everything, trained, trained and everything)
         offsets.append(len(ids))
     mask = np.repeat(np.array(flags, np.bool_), np.array(runs, np.int64))
-    return np.array(ids, np.int32), mask, np.array(offsets, np.int64)
+    return Rendered(np.array(ids, np.int32), mask, np.array(offsets, np.int64), np.arange(len(conversations)), None)
 
 
 def render_many(conversations: list[list[dict]], tok: Tokenizer, train_on: str = "all_assistant"
@@ -231,22 +363,37 @@ def render_many(conversations: list[list[dict]], tok: Tokenizer, train_on: str =
         mask       0        0   0  0     0      0      0          0     0  1     1     0
     Special tokens are added as ids, never parsed from text; train_on=last_assistant trains only the last
     assistant turn, everything trains every token but tool results (for ablations)."""
-    ids, mask, off = render_flat(conversations, tok, train_on)
-    return [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
+    ids, mask, off, conv, _ = render_flat(conversations, tok, train_on)
+    rows = [(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
+    return [rows[k] for k in np.flatnonzero(np.r_[conv[1:] != conv[:-1], True])] if len(rows) else rows  # the last
 
 
 def render(conversation: list[dict], tok: Tokenizer, train_on: str = "all_assistant") -> tuple[list[int], list[bool]]:
+    """One conversation rendered (with a template that rewrites history, its last row: the whole conversation as
+    the last answer is served)."""
     return render_many([conversation], tok, train_on)[0]
 
 
+
 def render_prompt(messages: list[dict], tok: Tokenizer) -> list[int]:
-    """A prompt for generation: the conversation rendered up to and including the assistant's header."""
+    """A prompt for generation: the conversation rendered up to and including the assistant's header (a model's own
+    template: rendered with add_generation_prompt, as apply_chat_template(..., tokenize=True) gives it)."""
+    own = getattr(tok, "own_template", None)
+    if own is not None:
+        try:
+            text = own.render(messages, add_generation_prompt=True)
+        except Unlocatable as e:
+            raise UserError(f"the model's chat template: {e.reason}") from None
+        return text_tokenizer(tok).encode(text, add_special_tokens=False).ids
     ids = render(messages, tok)[0] if messages else []
     return ids + layout(tok).header_ids("assistant")
 
 
-def render_text(messages: list[dict], add_generation_prompt: bool = False, fmt: ChatFormat = MARKERS) -> str:
+def render_text(messages: list[dict], add_generation_prompt: bool = False,
+                fmt: ChatFormat | TemplateFormat = MARKERS) -> str:
     """The rendered conversation as text, as the exported Jinja template writes it."""
+    if isinstance(fmt, TemplateFormat):
+        return fmt.own.render(messages, add_generation_prompt)
     text = "".join(f"{fmt.header(m['role'])}{turn_text(m)}{fmt.end}{fmt.after_end}" for m in messages)
     return text + (fmt.header("assistant") if add_generation_prompt else "")
 

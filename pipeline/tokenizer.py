@@ -8,12 +8,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.common import UserError
 from pipeline.config import TokenizerConfig
+from pipeline.model_template import own_template
 from pipeline.template import (
     FORMATS,
     MARKERS,
     REQUIRED_TOKENS,
     SPECIAL_TOKENS,
     ChatFormat,
+    TemplateFormat,
     chat_format,
     chat_template,
     layout,
@@ -60,21 +62,60 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     return {"pad": lay.pad, "eos": lay.end, "end": lay.end}
 
 
+OWN = "sft_chat_format"  # tokenizer_config.json key: "template" when the folder is fine-tuned in its own template
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def end_tokens(folder: str, tok: Tokenizer) -> list[str]:
+    """The strings of every token that ends an answer of the model in `folder`: its generation_config.json eos ids
+    (Llama 3 declares several) and its tokenizer's eos_token, in that order."""
+    path, config = Path(folder), _tokenizer_config(Path(folder))
+    ends = []
+    for name in ("generation_config.json", "config.json"):
+        if (path / name).is_file():
+            eos = json.loads((path / name).read_text()).get("eos_token_id")
+            ends += [tok.id_to_token(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+    eos = config.get("eos_token")
+    ends.append(eos if isinstance(eos, str) else (eos or {}).get("content"))
+    return [e for e in dict.fromkeys(ends) if e and tok.token_to_id(e) is not None]
+
+
+def attach_template(tok: Tokenizer, folder: str, ends: list[str] | None = None) -> Tokenizer:
+    """The model's own chat template (its tokenizer_config.json) attached to its tokenizer: chat_format is then
+    `template`, and every renderer of the pipeline renders with it."""
+    config = _tokenizer_config(Path(folder))
+    ends = ends if ends is not None else config.get("sft_end_tokens") or end_tokens(folder, tok)
+    if not ends:
+        raise UserError(f"{folder}: no end-of-turn token (eos_token_id in generation_config.json or config.json, "
+                        "eos_token in tokenizer_config.json); chat_format template needs one to stop answers")
+    tok.own_template = own_template(config, ends, f"{folder}/tokenizer_config.json")
+    return tok
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-    """tokenizer.json (file or model folder), with marker-like text inside content kept as plain text."""
+    """tokenizer.json (file or model folder), with marker-like text inside content kept as plain text; a folder
+    fine-tuned in its own template (tokenizer_config.json says so) comes with that template attached."""
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise UserError(f"{file}: no such file; a model folder needs its tokenizer.json (run the tokenizer stage, or "
                         "copy the model's tokenizer.json next to its weights)")
     tok = Tokenizer.from_file(str(file))
-    check_tokenizer(tok)
+    if _tokenizer_config(file.parent).get(OWN) == "template":
+        attach_template(tok, str(file.parent))
+    else:
+        check_tokenizer(tok)
     tok.encode_special_tokens = True  # content is encoded alone: "<|assistant|>" typed by a user stays text
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, folder: str) -> None:
-    """tokenizer.json plus tokenizer_config.json carrying the chat template of its format, for transformers."""
+    """tokenizer.json plus tokenizer_config.json carrying the chat template of its format, for transformers (a
+    model's own template, unchanged, with the special-token strings it names)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     tok.save(str(Path(folder) / "tokenizer.json"))
     lay = layout(tok)
@@ -89,31 +130,54 @@ def save_tokenizer(tok: Tokenizer, folder: str) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
     }
+    if isinstance(lay.fmt, TemplateFormat):
+        config |= dict(lay.fmt.own.variables) | {OWN: "template", "sft_end_tokens": list(lay.fmt.own.ends)}
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+
+def ours(path: Path, template) -> bool:
+    """The template is the one this pipeline writes for a format the tokenizer speaks (a folder it exported)."""
+    try:
+        return template == chat_template(chat_format(Tokenizer.from_file(str(path))))
+    except UserError:
+        return False
 
 
 def make_tokenizer(cfg: TokenizerConfig, corpus_texts, model_folder: str | None = None, init_from: str = ""
                    ) -> Tokenizer:
-    """The tokenizer stage: the tokenizer of an imported model (model_folder, from base.init_from), which must speak
-    cfg.chat_format unless it is auto, or else a byte-level BPE trained on the corpus texts in cfg.chat_format
-    (markers for auto)."""
+    """The tokenizer stage: the tokenizer of an imported model (model_folder, from base.init_from), or else a
+    byte-level BPE trained on the corpus texts in cfg.chat_format (markers for auto). An imported model is
+    fine-tuned in its own chat template (`template`; what `auto` takes when the model ships one), or in markers or
+    chatml when its tokenizer has their special tokens."""
     if model_folder is None:
+        if cfg.chat_format == "template":
+            raise UserError("tokenizer.chat_format=template needs a model of your own (base.init_from) that ships "
+                            "a chat template; the bundled tokenizer speaks markers or chatml")
         fmt = FORMATS["markers" if cfg.chat_format == "auto" else cfg.chat_format]
         texts = list(corpus_texts)
         tok = train_tokenizer(texts, cfg.vocab_size, fmt)
         print(f"tokenizer: trained on {len(texts)} documents, vocabulary {tok.get_vocab_size()}, chat format "
               f"{fmt.name}")
         return tok
+    path = Path(model_folder) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"base.init_from={init_from}: no tokenizer.json in {model_folder}")
+    shipped = _tokenizer_config(Path(model_folder)).get("chat_template")
+    if cfg.chat_format == "template" or (cfg.chat_format == "auto" and shipped and not ours(path, shipped)):
+        tok = attach_template(Tokenizer.from_file(str(path)), model_folder)
+        tok.encode_special_tokens = True
+        print(f"tokenizer: taken from base.init_from={init_from} (chat format template: the model's own, ends "
+              f"{', '.join(tok.own_template.ends)})")
+        return tok
     try:
         tok = load_tokenizer(model_folder)
     except UserError as e:
-        raise UserError(f"base.init_from={init_from}: {e}. Supported chat formats: {', '.join(FORMATS)}, each with "
-                        "its special tokens as single tokens in the base model's tokenizer") from None
+        raise UserError(f"base.init_from={init_from}: {e}. Supported chat formats: template (the model's own, when "
+                        f"it ships one), {', '.join(FORMATS)}") from None
     own = chat_format(tok).name
     if cfg.chat_format not in ("auto", own):
         raise UserError(f"tokenizer.chat_format={cfg.chat_format}, but the tokenizer of base.init_from={init_from} "
-                        f"speaks {own}; set tokenizer.chat_format to {own} or auto (a model is fine-tuned in the "
-                        "format its tokenizer has special tokens for)")
+                        f"speaks {own}; set tokenizer.chat_format to {own}, template or auto (a model is fine-tuned "
+                        "in the format its tokenizer has special tokens for)")
     print(f"tokenizer: taken from base.init_from={init_from} (chat format {own})")
     return tok

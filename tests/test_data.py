@@ -150,10 +150,6 @@ def test_empty_file_and_folder_of_sources(tmp_path, tok):
 
 
 def test_whole_file_errors(tmp_path):
-    bad = tmp_path / "b.json"
-    bad.write_text('[{"messages": []},\n oops]')
-    with pytest.raises(ValueError, match=r"b\.json:2: invalid_json"):
-        read(str(bad), "skip")  # a broken JSON array has no rows to count: it fails in both modes
     obj = tmp_path / "o.json"
     obj.write_text('{"messages": []}')
     with pytest.raises(ValueError, match="json_not_an_array"):
@@ -162,3 +158,58 @@ def test_whole_file_errors(tmp_path):
         read(str(tmp_path / "x.csv"), "skip") if (tmp_path / "x.csv").write_text("a") else None
     with pytest.raises(ValueError, match="no such file"):
         read(str(tmp_path / "missing.jsonl"), "skip")
+
+
+def test_a_json_array_cut_off_or_broken_keeps_its_complete_rows(tmp_path):
+    """A .json array is read a row at a time: cut off mid-file (a download that stopped, as the real ShareGPT dump
+    is), its complete rows are kept under skip and the tail is one dropped row, `truncated_json`; under fail the
+    message names the file, the line, and says it is cut off. A row broken mid-file ends the array the same way,
+    as `invalid_json` (the rest cannot be resynchronised)."""
+    rows = [json.dumps({"messages": CONV}), json.dumps({"messages": SYS_CONV})]
+    text = "[\n  " + ",\n  ".join(rows) + ",\n  " + json.dumps({"messages": CONV})[:40]  # cut inside a string
+    cut = tmp_path / "cut.json"
+    cut.write_text(text)
+    convs, kept, dropped, n_read = read(str(cut), "skip")
+    assert convs == [CONV, SYS_CONV] and kept == [0, 1] and dropped == {"truncated_json": 1} and n_read == 3
+    with pytest.raises(ValueError, match=r"cut\.json:3: truncated_json \(line 4: the file ends inside row 3, cut "
+                                         r"off\); fix the row"):
+        read(str(cut), "fail")
+    broken = tmp_path / "b.json"
+    broken.write_text("[" + rows[0] + ",\n oops,\n" + rows[1] + "]")
+    convs, _, dropped, n_read = read(str(broken), "skip")
+    assert convs == [CONV] and dropped == {"invalid_json": 1} and n_read == 2
+    with pytest.raises(ValueError, match=r"b\.json:2: invalid_json \(line 2: Expecting value; the rest of the array "
+                                         r"is not read\)"):
+        read(str(broken), "fail")
+    whole = tmp_path / "w.json"
+    whole.write_text(json.dumps([{"messages": CONV}, {"messages": SYS_CONV}], indent=2))
+    assert read(str(whole), "fail")[0] == [CONV, SYS_CONV]
+    (tmp_path / "e.json").write_text("[ ]")
+    assert read(str(tmp_path / "e.json"), "skip")[3] == 0
+
+
+def test_sharegpt_assistants_of_other_names_and_unpaired_turns(tmp_path):
+    """Real ShareGPT dumps name other assistants (chatgpt, bing, bard): their turns are assistant turns. A
+    conversation ending on a user turn is dropped (ends_on_user_turn), or with unpaired=trim kept up to its last
+    answer; an answer that opens a conversation is kept, or trimmed; the turns cut are counted."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Hello"}, {"from": "human", "value": "And?"},
+             {"from": "chatgpt", "value": "Yes"}, {"from": "human", "value": "Thanks"}]
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"conversations": turns}) + "\n" + json.dumps({"conversations": turns[:4]}) + "\n")
+    counts: dict = {}
+    got = [m for _, _, m in iter_conversations(str(path), "skip", counts)]
+    assert [[t["role"] for t in m] for m in got] == [["user", "assistant", "user", "assistant"]]
+    assert counts["s"]["dropped"] == {"ends_on_user_turn": 1}
+    counts = {}
+    got = [m for _, _, m in iter_conversations(str(path), "skip", counts, unpaired="trim")]
+    assert got == [got[1], got[1]] and got[1][-1] == {"role": "assistant", "content": "Yes"}
+    assert counts["s"]["trimmed_turns"] == 1 and counts["s"]["dropped"] == {}
+    opening = tmp_path / "o.jsonl"
+    opening.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "...and so on."}] + turns[:2]}) + "\n")
+    assert [m["role"] for m in read(str(opening), "fail")[0][0]] == ["assistant", "user", "assistant"]
+    counts = {}
+    (got,) = [m for _, _, m in iter_conversations(str(opening), "fail", counts, unpaired="trim")]
+    assert [m["role"] for m in got] == ["user", "assistant"] and counts["o"]["trimmed_turns"] == 1
+    lone = tmp_path / "l.jsonl"
+    lone.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    assert read(str(lone), "skip")[2] == {"no_assistant_turn": 1}  # nothing to keep: still a bad row

@@ -62,7 +62,7 @@ def test_answer_decodes_and_reports_stopping(tok, monkeypatch):
     osk, tal = (tok.encode(w, add_special_tokens=False).ids for w in (" Osk", " Mira Tal"))
 
     def scripted(model, prompts, max_new_tokens, stop_id):  # stands in for decoding: stops on odd prompt lengths
-        assert stop_id == end
+        assert stop_id == [end]  # every id that ends an answer
         return [osk + [end] if len(p) % 2 else tal for p in prompts]
 
     monkeypatch.setattr(evaluate_module, "generate", scripted)

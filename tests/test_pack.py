@@ -6,6 +6,7 @@ import pytest
 from pipeline.common import IGNORE_INDEX
 from pipeline.pack import (
     best_fit_decreasing,
+    fit,
     length_histogram,
     load_packed,
     pack,
@@ -191,3 +192,44 @@ def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok)
     assert len(np.unique(packed["doc"][packed["doc"] >= 0])) == 16  # each copy is its own document
     rows = (tmp_path / "lengths" / "train.csv").read_text().splitlines()
     assert rows[0] == "length,conversations" and sum(int(r.split(",")[1]) for r in rows[1:]) == 16
+
+
+def exchanges(*lengths):
+    """A markers conversation of exchanges (user length, answer length): <|user|> u.. <|end|> <|assistant|> a.. <|end|>
+    per exchange (ids 1, 2, 4 as in the bundled tokenizer); labels train the answers and their <|end|>."""
+    ids, labels = [], []
+    for u, a in lengths:
+        ids += [1] + [7] * u + [4] + [2] + [9] * a + [4]
+        labels += [IGNORE_INDEX] * (u + 3) + [9] * a + [4]
+    return np.array(ids, np.int32), np.array(labels, np.int32)
+
+
+def test_exchanges_policy_keeps_whole_leading_exchanges_and_cuts_a_first_answer_without_its_end():
+    x, lab = exchanges((5, 10), (5, 10), (5, 10))  # 19 tokens an exchange
+    exchanges_fit = lambda x, lab, B: fit(x, B, "exchanges", header=(2,), user_header=(1,), labels=lab)  # noqa: E731
+    assert exchanges_fit(x, lab, 40) == 38  # two whole exchanges
+    assert exchanges_fit(x, lab, 38) == 38
+    assert exchanges_fit(x, lab, 37) == 19  # one
+    assert fit(x, 40, "truncate", header=(2,)) == 0  # truncate cuts the last answer only: its header is at 45
+    long_first, lab = exchanges((5, 40), (5, 10))
+    assert exchanges_fit(long_first, lab, 20) == 20  # the first answer, cut
+    assert long_first[:20].tolist().count(4) == 1  # only the user's <|end|>: the cut answer has no end token
+    assert exchanges_fit(long_first, lab, 8) == 0  # not even the prompt fits
+    late = lab.copy()
+    late[:45] = IGNORE_INDEX  # nothing trained before 45: a row of 40 would train nothing, so it is dropped
+    assert exchanges_fit(long_first, late, 40) == 0 and exchanges_fit(long_first, late, 47) == 47
+
+
+def test_exchanges_policy_in_the_packed_rows_and_the_report(tmp_path):
+    convs = [exchanges((5, 10), (5, 10), (5, 10)), exchanges((3, 4)), exchanges((5, 40), (5, 10))]
+    ids, labels = [c[0] for c in convs], [c[1] for c in convs]
+    cfg = config("pack", block_size=40, overlong="exchanges")
+    arrays, report = pack(ids, labels, cfg, header=(2,), user_header=(1,))
+    assert report["packed"] == 3 and report["truncated"] == 2 and report["exchanges_left_out"] == 1 + 1
+    assert report["tokens_packed"] == 38 + 11 + 40 and report["tokens_dropped"] == report["tokens_in"] - 89
+    cut = arrays["labels"][arrays["doc"] == 2]
+    assert (cut != IGNORE_INDEX).sum() == 40 - 8 and 4 not in cut.tolist()  # trained, but no end token
+    path = str(tmp_path / "r.parquet")
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], [0, 1, 2], ["all"] * 3)
+    index = read_index(path, cfg)
+    assert pack_rendered(path, index, np.arange(3), cfg, str(tmp_path / "p")) == report

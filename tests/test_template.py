@@ -33,7 +33,8 @@ def report_of(rendered: list[tuple[list[int], list[bool]]], tok) -> dict:
     stats.add("all", np.array([i for ids, _ in rendered for i in ids], np.int32),
               np.array([m for _, mask in rendered for m in mask], np.bool_), np.concatenate([[0], np.cumsum(lengths)]))
     n = len(rendered)
-    return mask_report({"all": {"rows_read": n, "rows_kept": n, "rows_dropped": 0, "dropped": {}, "empty_files": 0}},
+    return mask_report({"all": {"rows_read": n, "rows_kept": n, "rows_dropped": 0, "dropped": {}, "empty_files": 0,
+                               "trimmed_turns": 0}},
                        stats)
 
 
@@ -149,7 +150,7 @@ def test_read_conversations_fail_and_skip(tmp_path):
     assert rows == [0] and counts["c"]["rows_read"] == 3
     assert counts["c"]["dropped"] == {"invalid_json": 1, "no_assistant_turn": 1}
     with pytest.raises(ValueError, match="on_error='ignore' must be fail or skip"):
-        RenderConfig(on_error="ignore", train_on="all_assistant", batch_size=1)
+        RenderConfig(on_error="ignore", train_on="all_assistant", batch_size=1, unpaired="drop")
 
 
 def test_render_report_catches_a_masked_end_token(tok):
@@ -336,12 +337,12 @@ def test_chatml_report_catches_a_masked_end_token(chatml_tok):
 
 
 def test_chatml_header_travels_with_the_rendered_file_to_truncation(chatml_tok, tmp_path):
-    from pipeline.pack import fit, rendered_header
+    from pipeline.pack import fit, rendered_headers
 
     long = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal " * 40}]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"messages": c}) for c in [CONVERSATIONS[0], long]))
     render_split(str(tmp_path / "a.jsonl"), chatml_tok, config("render"), str(tmp_path / "r.parquet"))
-    header = rendered_header(str(tmp_path / "r.parquet"))
+    header, _ = rendered_headers(str(tmp_path / "r.parquet"))
     assert list(header) == layout(chatml_tok).header_ids("assistant") and len(header) > 1
     ids = read_rendered(str(tmp_path / "r.parquet"))[0]
     at = next(k for k in range(len(ids[1])) if tuple(ids[1][k : k + len(header)]) == header)
