@@ -276,7 +276,8 @@ def iter_conversations(path: str, on_error: str, counts: dict | None = None, unp
     A bad row raises `file:line: reason` (on_error='fail') or is counted in `counts` (on_error='skip'):
     counts[source] = {"rows_read", "rows_kept", "rows_dropped", "dropped": {reason: n}, "empty_files",
     "trimmed_turns"}. A conversation that ends on a user (or tool) turn is a bad row (`ends_on_user_turn`); with
-    unpaired='trim' it is kept without its unpaired turns (trim_unpaired), the turns cut counted as trimmed_turns.
+    unpaired='trim' every conversation is kept without its unpaired turns (trim_unpaired), the turns cut counted as
+    trimmed_turns, and one with no answer after a user turn is a bad row (`no_answer_after_a_user_turn`).
     prepare(messages), when given, is yielded instead of the messages; a BadRow it raises makes the row a bad one
     (the render stage renders with a model's own template there, which can refuse a conversation)."""
     counts = {} if counts is None else counts
@@ -287,9 +288,11 @@ def iter_conversations(path: str, on_error: str, counts: dict | None = None, unp
         if unpaired == "trim" and messages is not None and (reason in ("ends_on_user_turn", "ends_on_tool_turn")
                                                             or reason is None):
             kept = trim_unpaired(messages)
-            if len(kept) < len(messages) and validate(kept) is None:
-                c["trimmed_turns"] += len(messages) - len(kept)
-                messages, reason = kept, None
+            if len(kept) < len(messages):  # nothing left that pairs a user turn with an answer: a bad row
+                reason = validate(kept) and "no_answer_after_a_user_turn"
+                if reason is None:
+                    c["trimmed_turns"] += len(messages) - len(kept)
+                    messages = kept
         if reason == "empty_file":
             if on_error == "fail":
                 raise UserError(f"{location(path, source, 0).rsplit(':', 1)[0]}: empty file; {fix}")

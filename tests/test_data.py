@@ -14,10 +14,10 @@ CONV = CONVERSATIONS[2]  # user, assistant, user, assistant
 SYS_CONV = CONVERSATIONS[1]  # system, user, assistant
 
 
-def read(path: str, on_error: str):
+def read(path: str, on_error: str, unpaired: str = "drop"):
     """(conversations, 0-based source rows, dropped count by reason, rows read) of a file or folder."""
     counts: dict = {}
-    items = list(iter_conversations(path, on_error, counts))
+    items = list(iter_conversations(path, on_error, counts, unpaired))
     dropped: dict = {}
     for c in counts.values():
         for reason, n in c["dropped"].items():
@@ -210,6 +210,10 @@ def test_sharegpt_assistants_of_other_names_and_unpaired_turns(tmp_path):
     counts = {}
     (got,) = [m for _, _, m in iter_conversations(str(opening), "fail", counts, unpaired="trim")]
     assert [m["role"] for m in got] == ["user", "assistant"] and counts["o"]["trimmed_turns"] == 1
+    answers = tmp_path / "a.jsonl"  # a piece of a split conversation that holds only answers: nothing pairs
+    answers.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "...and so on."}]}) + "\n")
+    assert read(str(answers), "skip")[0] and read(str(answers), "skip", unpaired="trim")[2] == {
+        "no_answer_after_a_user_turn": 1}
     lone = tmp_path / "l.jsonl"
     lone.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     assert read(str(lone), "skip")[2] == {"no_assistant_turn": 1}  # nothing to keep: still a bad row
