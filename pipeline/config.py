@@ -294,7 +294,7 @@ class RenderConfig:
 @dataclasses.dataclass
 class PackConfig:
     block_size: int  # tokens per packed row
-    overlong: str  # longer than block_size: drop | truncate | exchanges | fail (params.yaml says what each does)
+    overlong: str  # longer than block_size: drop | truncate | exchanges | split | fail (params.yaml: what each does)
     seed: int  # the weighted, shuffled order of the train conversations
     weights: dict  # train source -> weight (repeat/subsample); absent: 1
 
@@ -309,8 +309,8 @@ class PackConfig:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 bad.append(name)
         require(self, {"block_size": (self.block_size >= 8, "must be >= 8"),
-                       "overlong": (self.overlong in ("drop", "truncate", "exchanges", "fail"),
-                                    "must be drop, truncate, exchanges or fail"),
+                       "overlong": (self.overlong in ("drop", "truncate", "exchanges", "split", "fail"),
+                                    "must be drop, truncate, exchanges, split or fail"),
                        "weights": (not bad, f"must map each source to a number >= 0 (not so for {bad})")})
 
 

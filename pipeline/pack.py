@@ -4,7 +4,10 @@ A packed row of block_size 8 holding conversations 5 (3 tokens) and 9 (4 tokens)
     ids    a a a b b b b <pad>
     labels - a a - b b b -      (- is -100; a conversation's own mask, padding never trained)
     pos    0 1 2 0 1 2 3 0      (restarts per conversation)
-    doc    5 5 5 9 9 9 9 -1     (rendered row index; the attention mask compares it, -1 is padding)"""
+    doc    5 5 5 9 9 9 9 -1     (rendered row index; the attention mask compares it, -1 is padding)
+Under pack.overlong: split a long conversation becomes several such documents (pieces), each its opening (what comes
+before its first user turn: BOS, the system turn) and then whole exchanges; a later piece's doc is numbered after
+every conversation's."""
 import csv
 import dataclasses
 import json
@@ -121,23 +124,102 @@ def fit(x: np.ndarray, block_size: int, overlong: str, where: str = "", header: 
     return block_size if len(heads) and heads[-1] + len(header) < block_size else 0  # the last answer, cut
 
 
-def _scatter(write, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, k: np.ndarray, fits: np.ndarray,
-             row: np.ndarray, offset: np.ndarray, block_size: int, first_row: int = 0) -> int:
-    """Places conversations k (tokens ids[starts[j]:starts[j] + fits[k[j]]], all conversations end to end) at
-    their (row - first_row, offset): write(name, flat positions, values) for each array. Returns their trained
-    tokens."""
-    n = fits[k]
-    within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # position inside its conversation
-    src = np.repeat(starts, n) + within
+def split_pieces(x: np.ndarray, labels: np.ndarray, block_size: int, user_header: tuple[int, ...]) -> np.ndarray:
+    """pack.overlong: split. The pieces of a conversation longer than block_size, as rows of (pre, start, n): the
+    first piece is its first n tokens (its opening, what comes before its first user turn, then whole exchanges);
+    each later piece carries the opening again (pre tokens, never trained) and then the n tokens from `start`, whole
+    exchanges (an exchange begins at a user turn). An exchange that does not fit alone has its answer cut at the
+    edge of the row, with no end token (a cut answer never teaches stopping mid-sentence); a piece that would train
+    nothing is left out, and so is everything when the opening alone fills a row."""
+    user = starts(x, user_header)
+    if not len(user):  # no user turn to split at: whole exchanges cannot be told apart
+        n = fit(x, block_size, "exchanges", user_header=user_header, labels=labels)
+        return np.array([(0, 0, n)] if n else [], np.int64).reshape(-1, 3)
+    opening, edges, trained = int(user[0]), np.append(user, len(x)), labels != IGNORE_INDEX
+    pieces, i = [], 0
+    while i < len(user):
+        pre, begin = (0, 0) if i == 0 else (opening, int(edges[i]))
+        j = int(np.searchsorted(edges, begin + block_size - pre, side="right")) - 1  # the last edge that fits
+        n = int(edges[j]) - begin if j > i else block_size - pre  # whole exchanges i..j-1, or exchange i cut
+        if n <= 0:
+            break
+        if trained[begin : begin + n].any():
+            pieces.append((pre, begin, n))
+        i = max(j, i + 1)
+    return np.array(pieces, np.int64).reshape(-1, 3)
+
+
+def covered(x: np.ndarray, pieces: np.ndarray, user_header: tuple[int, ...]) -> tuple[int, int]:
+    """(the conversation's own tokens in its pieces, its exchanges in none of them)."""
+    user = starts(x, user_header)
+    inside = np.zeros(len(user), np.bool_)
+    for _, start, n in pieces.tolist():
+        inside |= (user >= start) & (user < start + n)
+    return int(pieces[:, 2].sum()), int((~inside).sum())
+
+
+@dataclasses.dataclass
+class Pieces:
+    """What goes into the pack, each piece a document of its own: conversation conv[j]'s first pre[j] tokens (a
+    split conversation's opening, carried untrained) then its tokens [start[j], start[j] + n[j]); doc[j] numbers it
+    in the packed rows (its conversation's index; a split conversation's later pieces after every conversation)."""
+    conv: np.ndarray
+    pre: np.ndarray
+    start: np.ndarray
+    n: np.ndarray
+    doc: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.pre + self.n
+
+
+def plan_pieces(fits: np.ndarray, splits: dict[int, np.ndarray]) -> Pieces:
+    """One piece per kept conversation k (its first fits[k] tokens), or the pieces splits[k] of a split one, in
+    conversation order."""
+    keep = np.flatnonzero(fits > 0)
+    single = np.array([k not in splits for k in keep.tolist()], np.bool_) if splits else np.ones(len(keep), np.bool_)
+    if single.all():
+        zeros = np.zeros(len(keep), np.int64)
+        return Pieces(keep, zeros, zeros, fits[keep].astype(np.int64), keep)
+    parts = [splits[k] if k in splits else np.array([(0, 0, fits[k])], np.int64) for k in keep.tolist()]
+    count = np.array([len(p) for p in parts], np.int64)
+    table = np.concatenate(parts)
+    conv = np.repeat(keep, count)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    later = np.ones(len(table), np.bool_)
+    later[first] = False
+    doc = conv.copy()
+    doc[later] = len(fits) + np.arange(int(later.sum()))
+    return Pieces(conv, table[:, 0], table[:, 1], table[:, 2], doc)
+
+
+def _gather(ids: np.ndarray, labels: np.ndarray, conv_start: np.ndarray, pieces: Pieces, sel=slice(None)
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens of pieces[sel], end to end (ids, labels), from conversations held end to end in ids/labels, piece
+    j's conversation beginning at conv_start[j]. A carried opening is never trained."""
+    pre, start, n = pieces.pre[sel], pieces.start[sel], pieces.n[sel]
+    length = pre + n
+    within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+    body = within >= np.repeat(pre, length)
+    src = np.repeat(conv_start, length) + within + np.where(body, np.repeat(start - pre, length), 0)
+    return ids[src], np.where(body, labels[src], IGNORE_INDEX).astype(np.int32)
+
+
+def _place(write, ids: np.ndarray, labels: np.ndarray, pieces: Pieces, k: np.ndarray, row: np.ndarray,
+           offset: np.ndarray, block_size: int, first_row: int = 0) -> int:
+    """Places pieces k (their tokens end to end in ids/labels) at their (row - first_row, offset): write(name, flat
+    positions, values) for each array. Returns their trained tokens."""
+    n = pieces.lengths[k]
+    within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # position inside its piece
     dst = np.repeat((row[k] - first_row) * block_size + offset[k], n) + within
-    lab = labels[src]
-    for name, values in (("ids", ids[src]), ("labels", lab), ("pos", within), ("doc", np.repeat(k, n))):
+    for name, values in (("ids", ids), ("labels", labels), ("pos", within), ("doc", np.repeat(pieces.doc[k], n))):
         write(name, dst, values)
-    return int((lab != IGNORE_INDEX).sum())
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def _into(arrays: dict):
-    """The `write` of _scatter for arrays in memory."""
+    """The `write` of _place for arrays in memory."""
     def write(name: str, dst: np.ndarray, values: np.ndarray) -> None:
         arrays[name].reshape(-1)[dst] = values
     return write
@@ -148,16 +230,29 @@ def exchanges_left(x: np.ndarray, kept: int, user_header: tuple[int, ...]) -> in
     return int((starts(x, user_header) >= kept).sum()) if 0 < kept < len(x) else 0
 
 
+def _overlong(x: np.ndarray, labels, policy: str, block_size: int, where: str, header: tuple[int, ...],
+              user_header: tuple[int, ...]) -> tuple[int, int, np.ndarray | None]:
+    """An overlong conversation under `policy`: (its tokens that go into the pack, its exchanges left out, its
+    pieces when split)."""
+    if policy == "split":
+        pieces = split_pieces(x, labels, block_size, user_header)
+        return *covered(x, pieces, user_header), pieces
+    n = fit(x, block_size, policy, where, header, user_header, labels)
+    return n, exchanges_left(x, n, user_header), None
+
+
 def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np.ndarray, n: int, B: int,
-            trained: int) -> dict:
-    tokens_in, packed = int(lengths.sum()), int(fits.sum())
+            trained: int, pieces: Pieces) -> dict:
+    tokens_in, packed, repeated = int(lengths.sum()), int(fits.sum()), int(pieces.pre.sum())
+    in_rows = packed + repeated
+    parts = np.bincount(pieces.conv, minlength=len(lengths))
     report = {
         "conversations": len(lengths), "packed": int((fits > 0).sum()), "dropped_overlong": int((fits == 0).sum()),
         "truncated": int(((fits > 0) & (fits < lengths)).sum()), "exchanges_left_out": int(left.sum()),
-        "tokens_in": tokens_in, "tokens_packed": packed,
-        "tokens_dropped": tokens_in - packed, "rows": n, "block_size": B,
-        "utilisation": packed / max(1, n * B), "padding_tokens": n * B - packed,
-        "ideal_utilisation": packed / max(1, -(-packed // B) * B),  # every row full but the last
+        "split": int((parts > 1).sum()), "tokens_in": tokens_in, "tokens_packed": packed,
+        "tokens_dropped": tokens_in - packed, "tokens_repeated": repeated, "rows": n, "block_size": B,
+        "utilisation": in_rows / max(1, n * B), "padding_tokens": n * B - in_rows,
+        "ideal_utilisation": in_rows / max(1, -(-in_rows // B) * B),  # every row full but the last
         "trained_tokens": trained,
         "sources": {},
     }
@@ -167,7 +262,8 @@ def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np
         report["sources"][name] = {
             "conversations": int(sel.sum()), "dropped_overlong": int((fits[sel] == 0).sum()),
             "truncated": int(((fits[sel] > 0) & (fits[sel] < lengths[sel])).sum()),
-            "exchanges_left_out": int(left[sel].sum()), "tokens_dropped": s_in - s_packed,
+            "exchanges_left_out": int(left[sel].sum()), "split": int((parts[sel] > 1).sum()),
+            "tokens_dropped": s_in - s_packed,
             "token_share_before": s_in / max(1, tokens_in), "token_share_after": s_packed / max(1, packed),
         }
     return report
@@ -183,23 +279,23 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     n_conv = len(ids)
     sources = np.asarray(sources if sources is not None else ["all"] * n_conv, dtype=object)
     lengths = np.fromiter((len(x) for x in ids), np.int64, n_conv)
-    fits, left = lengths.copy(), np.zeros(n_conv, np.int64)
+    fits, left, splits = lengths.copy(), np.zeros(n_conv, np.int64), {}
     for i in np.flatnonzero(lengths > B):
         where = f"conversation {i}" if rows is None else f"{sources[i]}:{int(rows[i]) + 1}"
-        fits[i] = fit(ids[i], B, cfg.overlong, where, header, user_header, labels[i])
-        left[i] = exchanges_left(ids[i], fits[i], user_header)
-    keep = np.flatnonzero(fits > 0)
-    row, offset, n = np.full(n_conv, -1), np.full(n_conv, -1), 0
-    if len(keep):
-        row[keep], offset[keep], n = best_fit_decreasing(fits[keep], B)
+        fits[i], left[i], pieces = _overlong(ids[i], labels[i], cfg.overlong, B, where, header, user_header)
+        if pieces is not None:
+            splits[int(i)] = pieces
+    pieces = plan_pieces(fits, splits)
+    row, offset, n = best_fit_decreasing(pieces.lengths, B)
     arrays = {name: np.full((n, B), PADDING[name], np.int32) for name in ARRAYS}
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = [np.concatenate(x).astype(np.int32, copy=False) if n_conv else np.zeros(0, np.int32) for x in (ids, labels)]
-    trained = _scatter(_into(arrays), *flat, first[keep], keep, fits, row, offset, B)
+    x, y = _gather(*flat, first[pieces.conv], pieces)
+    trained = _place(_into(arrays), x, y, pieces, np.arange(len(pieces.n)), row, offset, B)
     if out is not None:
         save_packed(arrays, out)
         arrays = load_packed(out)
-    return arrays, _report(lengths, fits, left, sources, n, B, trained)
+    return arrays, _report(lengths, fits, left, sources, n, B, trained, pieces)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +312,8 @@ class RenderedIndex:
     fits: np.ndarray  # tokens that go into the pack under pack.overlong (0: dropped; `fail` is checked at packing)
     sources: np.ndarray  # source names (object)
     rows: np.ndarray  # 0-based rows in their source
-    left: np.ndarray  # exchanges left out of a conversation cut to fit (pack.overlong: truncate or exchanges)
+    left: np.ndarray  # exchanges left out of a conversation cut to fit (pack.overlong: truncate, exchanges, split)
+    splits: dict  # pack.overlong: split: file row -> the pieces of that overlong conversation (see `split_pieces`)
 
 
 def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
@@ -225,22 +322,24 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
     f = pq.ParquetFile(path)
     header, user_header = rendered_headers(path)
     policy = "drop" if cfg.overlong == "fail" else cfg.overlong  # fail: checked at packing, naming the row
-    lengths, fits, left = [], [], []
-    columns = ["input_ids", "labels"] if policy == "exchanges" else ["input_ids"]
+    lengths, fits, left, splits, base = [], [], [], {}, 0
+    columns = ["input_ids", "labels"] if policy in ("exchanges", "split") else ["input_ids"]
     for g in range(f.num_row_groups):
         group = f.read_row_group(g, columns=columns)
         values, off = _flat(group.column("input_ids"))
-        labels = _flat(group.column("labels"))[0] if policy == "exchanges" else None
+        labels = _flat(group.column("labels"))[0] if len(columns) == 2 else None
         n = np.diff(off)
         m, cut = n.copy(), np.zeros(len(n), np.int64)
         for i in np.flatnonzero(n > cfg.block_size):
-            x = values[off[i] : off[i + 1]]
-            m[i] = fit(x, cfg.block_size, policy, header=header, user_header=user_header,
-                       labels=None if labels is None else labels[off[i] : off[i + 1]])
-            cut[i] = exchanges_left(x, m[i], user_header)
+            m[i], cut[i], pieces = _overlong(values[off[i] : off[i + 1]],
+                                             None if labels is None else labels[off[i] : off[i + 1]], policy,
+                                             cfg.block_size, "", header, user_header)
+            if pieces is not None:
+                splits[base + int(i)] = pieces
         lengths.append(n)
         fits.append(m)
         left.append(cut)
+        base += len(n)
     meta = pq.ParquetFile(path, read_dictionary=["source"]).read(columns=["source", "source_row"])
     names: dict[str, int] = {}
     codes = [np.zeros(0, np.int64)]
@@ -250,7 +349,7 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
     sources = np.array(list(names), dtype=object)[np.concatenate(codes)]  # one string object per source
     joined = (np.concatenate([np.zeros(0, np.int64)] + parts) for parts in (lengths, fits, left))
     lengths, fits, left = joined
-    return RenderedIndex(lengths, fits, sources, meta.column("source_row").to_numpy(), left)
+    return RenderedIndex(lengths, fits, sources, meta.column("source_row").to_numpy(), left, splits)
 
 
 def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackConfig, out: str,
@@ -265,16 +364,15 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
     if cfg.overlong == "fail" and (lengths > B).any():
         i = order[np.argmax(lengths > B)]
         raise overlong_error(f"{index.sources[i]}:{int(index.rows[i]) + 1}", int(index.lengths[i]), B)
-    keep = np.flatnonzero(fits > 0)
-    row, offset, n = np.full(len(order), -1), np.full(len(order), -1), 0
-    if len(keep):
-        row[keep], offset[keep], n = best_fit_decreasing(fits[keep], B)
+    split_at = np.flatnonzero(np.isin(order, list(index.splits))) if index.splits else []
+    pieces = plan_pieces(fits, {int(k): index.splits[int(order[k])] for k in split_at})
+    row, offset, n = best_fit_decreasing(pieces.lengths, B)
     window = window or max(1, (1 << 20) // B)  # output rows per window: 4 MiB per array
-    by_file = keep[np.argsort(order[keep], kind="stable")]  # the kept conversations, in file order
-    file_rows = order[by_file]
+    piece_rows = order[pieces.conv]  # each piece's conversation, as a row of the file
+    by_file = np.argsort(piece_rows, kind="stable")  # the pieces, in file order
     Path(out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".spill") as spill:
-        chunks = _spill(path, by_file, file_rows, order, fits, row // window, spill)
+        chunks = _spill(path, by_file, piece_rows, pieces, row // window, spill)
         files = {k: open(Path(out) / f"{k}.npy", "wb") for k in ARRAYS}
         trained = 0
         try:
@@ -284,26 +382,28 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
             for w, first in enumerate(tqdm(range(0, n, window), desc="pack", unit=" windows", disable=None)):
                 block = {k: np.full((min(n, first + window) - first, B), PADDING[k], np.int32) for k in ARRAYS}
                 buf, pos = np.fromfile(Path(spill) / str(w), np.int32), 0
-                for k in chunks[w]:  # a chunk: conversations k's ids end to end, then their labels
-                    m = int(fits[k].sum())
-                    trained += _scatter(_into(block), buf[pos : pos + m], buf[pos + m : pos + 2 * m],
-                                        np.cumsum(fits[k]) - fits[k], k, fits, row, offset, B, first)
+                for k in chunks[w]:  # a chunk: pieces k's ids end to end, then their labels
+                    m = int(pieces.lengths[k].sum())
+                    trained += _place(_into(block), buf[pos : pos + m], buf[pos + m : pos + 2 * m], pieces, k, row,
+                                      offset, B, first)
                     pos += 2 * m
                 for k, f in files.items():
                     block[k].tofile(f)
         finally:
             for f in files.values():
                 f.close()
-    return _report(lengths, fits, left, sources, n, B, trained)
+    return _report(lengths, fits, left, sources, n, B, trained, pieces)
 
 
-def _spill(path: str, by_file: np.ndarray, file_rows: np.ndarray, order: np.ndarray, fits: np.ndarray,
-           windows: np.ndarray, spill: str) -> list[list[np.ndarray]]:
-    """One pass over the file, 8k conversations at a time: the tokens of each kept conversation are appended to
-    its window's file, as chunks (ids then labels of some conversations). Returns per window the conversations of
-    each chunk. Files are opened per chunk, so any number of windows works within the open-file limit."""
+def _spill(path: str, by_file: np.ndarray, piece_rows: np.ndarray, pieces: Pieces, windows: np.ndarray,
+           spill: str) -> list[list[np.ndarray]]:
+    """One pass over the file, 8k conversations at a time: the tokens of each piece (by_file: the pieces in the
+    order of their conversations' rows, piece_rows) are appended to its window's file, as chunks (ids then labels
+    of some pieces). Returns per window the pieces of each chunk. Files are opened per chunk, so any number of
+    windows works within the open-file limit."""
     chunks: list[list[np.ndarray]] = [[] for _ in range(int(windows.max(initial=-1)) + 1)]
     f, first, groups = pq.ParquetFile(path), 0, []
+    file_rows = piece_rows[by_file]
     for g in range(f.num_row_groups):  # consecutive row groups of at least 8k conversations
         if not groups or sum(f.metadata.row_group(i).num_rows for i in groups[-1]) >= 1 << 13:
             groups.append([])
@@ -315,13 +415,12 @@ def _spill(path: str, by_file: np.ndarray, file_rows: np.ndarray, order: np.ndar
         k = by_file[a:b][np.argsort(windows[by_file[a:b]], kind="stable")]  # grouped by window
         if len(k):
             (ids, off), (labels, _) = _flat(t.column("input_ids")), _flat(t.column("labels"))
-            n = fits[k]
-            src = np.repeat(off[order[k] - first], n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-            ids, labels, ends = ids[src], labels[src], np.cumsum(n)
+            ids, labels = _gather(ids, labels, off[piece_rows[k] - first], pieces, k)
+            ends = np.cumsum(pieces.lengths[k])
             w, at = np.unique(windows[k], return_index=True)
             for j, (wj, c) in enumerate(zip(w.tolist(), at.tolist())):
                 d = at[j + 1] if j + 1 < len(at) else len(k)
-                lo, hi = ends[c] - n[c], ends[d - 1]
+                lo, hi = ends[c] - pieces.lengths[k[c]], ends[d - 1]
                 with open(Path(spill) / str(wj), "ab") as out:
                     ids[lo:hi].tofile(out)
                     labels[lo:hi].tofile(out)

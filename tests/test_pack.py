@@ -13,6 +13,7 @@ from pipeline.pack import (
     pack_rendered,
     read_index,
     save_packed,
+    split_pieces,
     weighted_order,
 )
 from tests.conftest import config, read_rendered, write_rendered
@@ -233,3 +234,84 @@ def test_exchanges_policy_in_the_packed_rows_and_the_report(tmp_path):
     write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], [0, 1, 2], ["all"] * 3)
     index = read_index(path, cfg)
     assert pack_rendered(path, index, np.arange(3), cfg, str(tmp_path / "p")) == report
+
+
+SYSTEM = [3, 8, 8, 4]  # <|system|> .. <|end|>: the opening a split conversation's every piece carries
+
+
+def with_opening(*lengths, opening=SYSTEM, trained_answers=None):
+    """exchanges(...) after a system turn; trained_answers: which answers are trained (all by default)."""
+    x, lab = exchanges(*lengths)
+    if trained_answers is not None:
+        at = 0
+        for j, (u, a) in enumerate(lengths):
+            if j not in trained_answers:
+                lab[at : at + u + a + 4] = IGNORE_INDEX
+            at += u + a + 4
+    return (np.array(opening + x.tolist(), np.int32),
+            np.array([IGNORE_INDEX] * len(opening) + lab.tolist(), np.int32))
+
+
+def test_split_policy_makes_rows_of_whole_exchanges_each_with_the_opening():
+    x, lab = with_opening((5, 10), (5, 10), (5, 10))  # 4 + 3 x 19 tokens; user turns at 4, 23, 42
+    assert split_pieces(x, lab, 30, (1,)).tolist() == [[0, 0, 23], [4, 23, 19], [4, 42, 19]]
+    assert split_pieces(x, lab, 61, (1,)).tolist() == [[0, 0, 61]]
+    assert split_pieces(x, lab, 42, (1,)).tolist() == [[0, 0, 42], [4, 42, 19]]
+    long_middle, lab2 = with_opening((5, 10), (5, 40), (5, 10))  # the second exchange (49 tokens) fits no row of 30
+    assert split_pieces(long_middle, lab2, 30, (1,)).tolist() == [[0, 0, 23], [4, 23, 26], [4, 72, 19]]
+    assert 4 not in long_middle[23 : 23 + 26][8:].tolist()  # its answer, cut: no end token
+    last_only, lab3 = with_opening((5, 10), (5, 10), (5, 10), trained_answers={2})  # train_on: last_assistant
+    assert split_pieces(last_only, lab3, 30, (1,)).tolist() == [[4, 42, 19]]  # pieces that train nothing are left out
+    assert split_pieces(x, lab, 12, (1,)).size == 0  # rows of 12 hold an opening and a user turn, no answer: none kept
+    assert split_pieces(x, lab, 4, (1,)).size == 0  # the opening alone fills a row
+
+
+def test_split_policy_in_the_packed_rows_and_the_report(tmp_path):
+    convs = [with_opening((5, 10), (5, 10), (5, 10)), with_opening((3, 4)), with_opening((5, 10), (5, 40), (5, 10))]
+    ids, labels = [c[0] for c in convs], [c[1] for c in convs]
+    cfg = config("pack", block_size=30, overlong="split")
+    arrays, report = pack(ids, labels, cfg, header=(2,), user_header=(1,))
+    assert report["packed"] == 3 and report["split"] == 2 and report["exchanges_left_out"] == 0
+    assert report["tokens_packed"] == 61 + 15 + (23 + 26 + 19) and report["tokens_repeated"] == 4 * 4
+    assert report["truncated"] == 1 and report["tokens_dropped"] == report["tokens_in"] - report["tokens_packed"]
+    assert report["utilisation"] == (report["tokens_packed"] + report["tokens_repeated"]) / (report["rows"] * 30)
+    docs = np.unique(arrays["doc"][arrays["doc"] >= 0])
+    assert len(docs) == 3 + 2 + 2  # every piece its own document
+    ends = 0
+    for d in docs:
+        where = arrays["doc"] == d
+        x, y, pos = arrays["ids"][where], arrays["labels"][where], arrays["pos"][where]
+        assert x[:4].tolist() == SYSTEM and (y[:4] == IGNORE_INDEX).all() and pos.tolist() == list(range(len(x)))
+        assert x[4] == 1  # then whole exchanges from a user turn
+        trained = np.flatnonzero(y != IGNORE_INDEX)
+        ends += x[trained[-1]] == 4  # ends on an answer's end token, trained, but for the cut answer
+    assert ends == len(docs) - 1
+    path = str(tmp_path / "r.parquet")
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], [0, 1, 2], ["all"] * 3)
+    assert pack_rendered(path, read_index(path, cfg), np.arange(3), cfg, str(tmp_path / "p")) == report
+    assert all(np.array_equal(arrays[k], load_packed(str(tmp_path / "p"))[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("policy", ["exchanges", "split"])
+def test_pack_rendered_streams_the_same_rows_as_pack_in_memory_by_exchanges(tmp_path, policy):
+    """Many multi-exchange conversations, weighted and shuffled (repeats of a split conversation included), packed
+    in windows: the streamed pack writes what the in-memory one does."""
+    rng = np.random.default_rng(4)
+    convs = [with_opening(*[(int(rng.integers(1, 12)), int(rng.integers(1, 45))) for _ in range(rng.integers(1, 5))],
+                          opening=SYSTEM if rng.random() < 0.5 else [])
+             for _ in range(200)]
+    ids, labels = [c[0] for c in convs], [c[1] for c in convs]
+    sources = ["a"] * 120 + ["b"] * 80
+    path = str(tmp_path / "r.parquet")
+    write_rendered(path, [x.tolist() for x in ids], [x.tolist() for x in labels], list(range(200)), sources,
+                   row_group_size=32)
+    cfg = config("pack", block_size=48, overlong=policy)
+    index = read_index(path, cfg)
+    order = weighted_order(index.sources, {"a": 1.5, "b": 2.0}, seed=3)
+    arrays, report = pack([ids[i] for i in order], [labels[i] for i in order], cfg, index.sources[order],
+                          index.rows[order], header=(2,), user_header=(1,))
+    assert report["truncated"] > 0 and (report["split"] > 0) == (policy == "split")
+    for window in (None, 5):
+        assert pack_rendered(path, index, order, cfg, str(tmp_path / "p"), window) == report
+        loaded = load_packed(str(tmp_path / "p"))
+        assert all(np.array_equal(arrays[k], loaded[k]) for k in arrays)

