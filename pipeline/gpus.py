@@ -4,6 +4,7 @@ CUDA_VISIBLE_DEVICES to them before CUDA starts. The kernel drops a flock when i
 import ctypes
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +40,15 @@ def candidate_gpus() -> list[str]:
 
 def gpu_lock_dir() -> Path:
     """<project>/.dvc/tmp/gpu-locks. DVC sets DVC_ROOT for every stage; in a queued experiment (which runs in a copy
-    under .dvc/tmp/exps) it is the original project, so all workers of one project share the folder."""
+    under .dvc/tmp/exps) it is the original project, so all workers of one project share the folder. Run by hand,
+    outside DVC: the DVC project around the working directory, else one folder per machine in the temp dir."""
     if os.environ.get(LOCK_DIR):
         return Path(os.environ[LOCK_DIR])
-    return Path(os.environ.get("DVC_ROOT") or ".") / ".dvc" / "tmp" / "gpu-locks"
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]) / ".dvc" / "tmp" / "gpu-locks"
+    here = Path.cwd().resolve()
+    project = next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), None)
+    return project / ".dvc" / "tmp" / "gpu-locks" if project else Path(tempfile.gettempdir()) / "sft-gpu-locks"
 
 
 def try_lock(path: Path, holder: str) -> int | None:

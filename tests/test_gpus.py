@@ -101,8 +101,11 @@ def test_nproc_takes_that_many_at_once(holders):
 def test_taken_gpus_become_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_GPU_COUNT", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert take_gpus(2, tmp_path, "t") == ["0", "1"]
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # the torchrun ranks inherit it; rank r uses cuda:r
+    try:
+        assert take_gpus(2, tmp_path, "t") == ["0", "1"]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # the torchrun ranks inherit it; rank r uses cuda:r
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # take_gpus set it; monkeypatch restores the one from before
     assert "t pid" in (tmp_path / "gpu0.lock").read_text()
 
 
@@ -128,3 +131,12 @@ def test_lock_dir_is_the_projects_even_in_a_queued_copy(monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert gpu_lock_dir() == tmp_path / ".dvc" / "tmp" / "gpu-locks"
+
+
+def test_lock_dir_run_by_hand_is_the_dvc_project_around(monkeypatch, tmp_path):
+    for name in ("SFT_GPU_LOCK_DIR", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert gpu_lock_dir() == tmp_path.resolve() / ".dvc" / "tmp" / "gpu-locks"
