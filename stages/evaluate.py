@@ -3,6 +3,7 @@ metrics.json (grouped base/sft, intervals, paired difference), predictions (parq
 from pipeline.common import require_inputs, run_stage
 from pipeline.config import EvaluateConfig, RenderConfig, load_params
 from pipeline.evaluate import evaluate_pair
+from pipeline.gpus import claim_gpus
 from pipeline.report import make_report
 
 
@@ -11,6 +12,7 @@ def main(base: str, sft: str, heldout: str, mc: str, dev: str, curves: str, metr
     cfg = load_params("evaluate", EvaluateConfig)
     on_error = load_params("render", RenderConfig).on_error  # bad held-out rows: as the render stage treats them
     require_inputs(base, sft, heldout, mc, dev, curves)
+    claim_gpus("evaluate", cfg.device, 1)  # a free GPU of its own, before CUDA starts
     evaluate_pair(cfg, {"base": base, "sft": sft}, heldout, mc, dev, metrics, predictions, on_error)
     make_report(metrics, predictions, curves, figures, report, cfg.n_report)
 
