@@ -351,6 +351,28 @@ class BudgetConfig:
 ANSWER_KINDS = ("auto", "short", "long")
 
 
+def prompt_problem(prompt: str) -> str:
+    """Why a judging prompt cannot be used, or ""."""
+    missing = [f for f in ("{question}", "{answer_a}", "{answer_b}") if f not in prompt]
+    if missing:
+        return f"must contain {', '.join(missing)}"
+    try:
+        prompt.format(question="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"has braces other than the three fields ({e!r}); write a literal brace as {{{{ or }}}}"
+    return ""
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    model: str  # a model folder the pipeline can load, to compare base and SFT answers; empty: no judge
+    prompt: str  # the judging prompt, with {question}, {answer_a}, {answer_b}; the judge answers A or B
+
+    def __post_init__(self):
+        problem = prompt_problem(self.prompt)
+        require(self, {"prompt": (not problem, problem)})
+
+
 @dataclasses.dataclass
 class EvaluateConfig:
     mc: str  # multiple-choice conversations (options `a) ...` in the user turn, gold letter)
@@ -366,6 +388,7 @@ class EvaluateConfig:
     device: str  # auto | cpu | cuda
     dtype: str  # auto | bfloat16 | float32
     during_train: DuringTrainConfig  # read by the train stage
+    judge: JudgeConfig  # an optional local judge of base vs SFT answers
 
     def __post_init__(self):
         fixed = isinstance(self.max_new_tokens, int)

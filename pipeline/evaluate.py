@@ -21,6 +21,7 @@ from pipeline.config import DuringTrainConfig, EvaluateConfig
 from pipeline.data import read_conversations
 from pipeline.generate import generate
 from pipeline.hf import load_model
+from pipeline.judge import MAX_CHARS, summarize_verdicts, verdicts
 from pipeline.metrics import RATES, answer_kind, long_scores, paired, score, scores_for, summarize
 from pipeline.model import Transformer
 from pipeline.pack import load_packed
@@ -178,6 +179,33 @@ def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, comput
     return rows
 
 
+# ---- the judge --------------------------------------------------------------------------------------------
+def model_judge(folder: str, prompt: str, compute: Compute, batch_size: int
+                ) -> Callable[[list[tuple[str, str, str]]], list[str]]:
+    """prefer() backed by the model in `folder`: the judging prompt filled in as a user turn, then the log-probability
+    of "A" and of "B" as the model would write them as its answer; the higher wins, equal scores tie."""
+    try:
+        model, tok = load_model(folder).to(compute.device).eval(), load_tokenizer(folder)
+    except Exception as e:  # any reason the folder is not a model: one line naming the param
+        raise UserError(f"evaluate.judge.model={folder!r} cannot be loaded as a judge: {e}") from e
+    limit = model.arch.max_seq_len
+
+    def prefer(triples: list[tuple[str, str, str]]) -> list[str]:
+        pairs = []
+        for question, a, b in triples:
+            text = prompt.format(question=question, answer_a=a[:MAX_CHARS], answer_b=b[:MAX_CHARS])
+            messages = [{"role": "user", "content": text}]
+            for letter in ("A", "B"):
+                context, answer = written_answer(messages, letter, tok)
+                pairs.append((context[-(limit - len(answer)) :], answer))  # the instruction is at the end
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            scores += continuation_logprobs(model, pairs[start : start + batch_size], compute)
+        return ["A" if a > b else "B" if b > a else "tie" for a, b in zip(scores[::2], scores[1::2])]
+
+    return prefer
+
+
 # ---- during training --------------------------------------------------------------------------------------
 def last_answer(ids, mask) -> tuple[int, int]:
     """(start, end) of the last run of trained positions of a rendered conversation: its last answer and end token
@@ -264,6 +292,9 @@ def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc:
     questions = read_conversations(mc, on_error) if cfg.multiple_choice else []
     if cfg.limit:
         conversations, questions = conversations[: cfg.limit], questions[: cfg.limit]
+    if cfg.judge.model and not Path(cfg.judge.model).exists():  # before the models answer, not after
+        raise UserError(f"evaluate.judge.model={cfg.judge.model!r} does not exist; point it at a model folder or "
+                        "leave it empty for no judge")
     kind = answer_kind([c[-1]["content"] for c in conversations], cfg.answers)
     keys = [*scores_for(kind), "answer_loss"]
     budget = "auto" if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
@@ -288,6 +319,13 @@ def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc:
         metrics[key] = paired(gen[a], gen[b], keys, cfg.n_boot, cfg.seed)
         if cfg.multiple_choice:
             metrics[key] |= paired(choice[a], choice[b], ["mc_accuracy"], cfg.n_boot, cfg.seed, prefix="mc_")
+        if cfg.judge.model:
+            print(f"evaluate: judging {a} vs {b} answers with {cfg.judge.model}, both orders")
+            prefer = model_judge(cfg.judge.model, cfg.judge.prompt, compute, cfg.batch_size)
+            wins = verdicts([(ra["prompt"], ra["output"], rb["output"]) for ra, rb in zip(gen[a], gen[b])], prefer)
+            for ra, rb, w in zip(gen[a], gen[b], wins):
+                ra["judge_win"], rb["judge_win"] = 1.0 - w, w
+            metrics[key] |= summarize_verdicts(wins, cfg.n_boot, cfg.seed)
     write_json(metrics_path, metrics)
     Path(predictions_dir).mkdir(parents=True, exist_ok=True)
     write_parquet(f"{predictions_dir}/generation.parquet", [r for rows in gen.values() for r in rows])

@@ -79,6 +79,16 @@ def metrics_table(metrics: dict, models=("base", "sft")) -> str:
     return "\n".join(lines)
 
 
+def judge_line(metrics: dict, models=("base", "sft")) -> str:
+    """The judge's verdict in one paragraph, when there was a judge (evaluate.judge.model)."""
+    j = metrics.get(f"{models[1]}_minus_{models[0]}", {})
+    if "judge_win_rate" not in j:
+        return ""
+    return (f"\nJudge (`evaluate.judge.model`, both orders): {models[1]} win rate {cell(j, 'judge_win_rate')} over "
+            f"{j['judge_n']} prompts: {j['judge_wins']} wins, {j['judge_ties']} ties, {j['judge_losses']} losses "
+            "(0.5: no better than the base).\n")
+
+
 def excerpt(text: str, chars: int = 300) -> str:
     """One line of at most `chars` characters: a long answer's beginning, `…` where it was cut."""
     line = " ".join(text.split())
@@ -122,7 +132,7 @@ with the end token within its budget; `distinct3`: unique word trigrams; `answer
 token) of each gold answer given its conversation, lower is better.{mc}
 
 {metrics_table(metrics)}
-
+{judge_line(metrics)}
 {pictures}
 
 ## Fixed held-out prompts, answered by both models
