@@ -3,6 +3,7 @@ failed check are reported together, naming the key. No field has a default: para
 is written (its comments document them). No torch here, so loading params is cheap."""
 import dataclasses
 import math
+import types
 import typing
 
 import yaml
@@ -42,6 +43,15 @@ def _coerce(value, kind, key: str):
             return None, f"{key}={value!r} must be a number ({kind.__name__})"
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
+    if isinstance(kind, types.UnionType):  # a number or a word, e.g. int | str for `200` or `auto`
+        for option in typing.get_args(kind):
+            if option is not str:
+                number, problem = _coerce(value, option, key)
+                if not problem:
+                    return number, None
+        if isinstance(value, str):
+            return value, None
+        return None, f"{key}={value!r} must be {' or '.join(k.__name__ for k in typing.get_args(kind))}"
     if kind is float and type(value) is int:
         value = float(value)
     if kind in (int, float, str, bool, dict) and type(value) is not kind:
@@ -327,9 +337,49 @@ class DuringTrainConfig:
 
 
 @dataclasses.dataclass
+class BudgetConfig:
+    factor: float  # evaluate.max_new_tokens: auto gives each answer factor x its gold answer's tokens,
+    floor: int  # at least this many,
+    cap: int  # at most this many
+
+    def __post_init__(self):
+        require(self, {"factor": (self.factor >= 1.0, "must be >= 1 (a budget shorter than the gold answer)"),
+                       "floor": (self.floor >= 1, "must be >= 1"),
+                       "cap": (self.cap >= self.floor, "must be >= floor")})
+
+
+ANSWER_KINDS = ("auto", "short", "long")
+
+
+def prompt_problem(prompt: str) -> str:
+    """Why a judging prompt cannot be used, or ""."""
+    missing = [f for f in ("{question}", "{answer_a}", "{answer_b}") if f not in prompt]
+    if missing:
+        return f"must contain {', '.join(missing)}"
+    try:
+        prompt.format(question="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"has braces other than the three fields ({e!r}); write a literal brace as {{{{ or }}}}"
+    return ""
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    model: str  # a model folder the pipeline can load, to compare base and SFT answers; empty: no judge
+    prompt: str  # the judging prompt, with {question}, {answer_a}, {answer_b}; the judge answers A or B
+
+    def __post_init__(self):
+        problem = prompt_problem(self.prompt)
+        require(self, {"prompt": (not problem, problem)})
+
+
+@dataclasses.dataclass
 class EvaluateConfig:
     mc: str  # multiple-choice conversations (options `a) ...` in the user turn, gold letter)
-    max_new_tokens: int  # generation budget per answer
+    multiple_choice: bool  # false: no multiple-choice score (the report and card show only what was measured)
+    answers: str  # short | long | auto: which generation scores apply (params.yaml says what each measures)
+    max_new_tokens: int | str  # generation budget per answer: a number, or auto (from its gold answer, see budget)
+    budget: BudgetConfig
     batch_size: int  # prompts decoded together
     limit: int  # evaluate the first N held-out conversations (and N multiple-choice questions); 0: all
     n_boot: int  # bootstrap resamples for the 95% intervals
@@ -338,9 +388,13 @@ class EvaluateConfig:
     device: str  # auto | cpu | cuda
     dtype: str  # auto | bfloat16 | float32
     during_train: DuringTrainConfig  # read by the train stage
+    judge: JudgeConfig  # an optional local judge of base vs SFT answers
 
     def __post_init__(self):
-        require(self, {"max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+        fixed = isinstance(self.max_new_tokens, int)
+        require(self, {"max_new_tokens": (self.max_new_tokens == "auto" or fixed and self.max_new_tokens >= 1,
+                                          "must be a number >= 1 or auto"),
+                       "answers": (self.answers in ANSWER_KINDS, f"must be one of {', '.join(ANSWER_KINDS)}"),
                        "batch_size": (self.batch_size >= 1, "must be >= 1"),
                        "limit": (self.limit >= 0, "must be >= 0 (0: all)"),
                        "n_boot": (self.n_boot >= 100, "must be >= 100"),
@@ -354,10 +408,12 @@ class PublishConfig:
     repo_id: str  # Hugging Face Hub repo, e.g. user/tiny-chat; empty: export only, no upload
     private: bool  # create the Hub repo as private
     model_name: str  # name shown in the model card
-    min_stopped: float  # refuse to publish when the fine-tuned model ends fewer held-out answers than this
+    gate_metric: str  # the gate reads this key of metrics.json: `stopped` (group sft) or `group.key`
+    gate_min: float  # refuse to publish when that metric is below this
 
     def __post_init__(self):
-        require(self, {"min_stopped": (0.0 <= self.min_stopped <= 1.0, "must be in [0, 1]"),
+        require(self, {"gate_metric": (bool(self.gate_metric) and self.gate_metric.count(".") <= 1,
+                                       "must name a metric: key (of group sft) or group.key"),
                        "repo_id": (not self.repo_id or self.repo_id.count("/") == 1, "must be user/name or empty")})
 
 

@@ -1,6 +1,7 @@
 """Evaluation with a model: the masked dev loss, greedy answers to held-out conversations scored judge-free
-(pipeline/metrics.py), multiple choice from the option letters' scores, the generation check during training, and
-the evaluate stage's base-vs-SFT run (metrics.json, per-example predictions as parquet)."""
+(pipeline/metrics.py) within a budget fixed or sized from each gold answer, the loss of each gold answer, multiple
+choice from the option letters' scores, the generation check during training, and the evaluate stage's base-vs-SFT
+run (metrics.json, per-example predictions as parquet)."""
 import json
 import math
 import re
@@ -20,7 +21,8 @@ from pipeline.config import DuringTrainConfig, EvaluateConfig
 from pipeline.data import read_conversations
 from pipeline.generate import generate
 from pipeline.hf import load_model
-from pipeline.metrics import RATES, paired, score, summarize
+from pipeline.judge import MAX_CHARS, summarize_verdicts, verdicts
+from pipeline.metrics import RATES, answer_kind, long_scores, paired, score, scores_for, summarize
 from pipeline.model import Transformer
 from pipeline.pack import load_packed
 from pipeline.template import layout, render, render_prompt
@@ -35,30 +37,82 @@ def answer(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_siz
     return answer_ids(model, tok, [render_prompt(p, tok) for p in prompts], max_new_tokens, batch_size, compute)
 
 
-def answer_ids(model, tok, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
+def answer_ids(model, tok, encoded: list[list[int]], max_new_tokens: int | list[int], batch_size: int,
                compute: Compute) -> list[tuple[str, bool]]:
+    """max_new_tokens: one budget for all, or one per prompt (a batch decodes to its largest; each answer is then
+    cut to its own budget, and stopped only when its end token came within it: greedy rows do not depend on the
+    batch)."""
     ends = layout(tok).ends  # every id that ends an answer
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
+    budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: (budget[i], len(encoded[i])))  # alike budgets, lengths
     results: list = [None] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not sys.stderr.isatty()):
         idx = order[start : start + batch_size]
         with compute.autocast():
-            outs = generate(model, [encoded[i] for i in idx], max_new_tokens, stop_id=ends)
+            outs = generate(model, [encoded[i] for i in idx], max(budget[i] for i in idx), stop_id=ends)
         for i, out in zip(idx, outs):
+            out = out[: budget[i]]
             stopped = bool(out) and out[-1] in ends
             results[i] = (tok.decode(out[:-1] if stopped else out).strip(), stopped)
     return results
 
 
+def gold_spans(tok, conversations: list[list[dict]]) -> list[tuple[list[int], int, int]]:
+    """Each held-out conversation rendered whole: (ids, start, end) of its last answer, the gold answer with its
+    end token, as the model would be trained to write it."""
+    out = []
+    for conv in conversations:
+        ids, mask = render(conv, tok)
+        out.append((ids, *last_answer(ids, mask)))
+    return out
+
+
+def budgets(spans: list[tuple[list[int], int, int]], cfg: EvaluateConfig) -> int | list[int]:
+    """The generation budget: evaluate.max_new_tokens, or under `auto` per example budget.factor x its gold
+    answer's tokens (end token included), within [budget.floor, budget.cap]."""
+    if cfg.max_new_tokens != "auto":
+        return cfg.max_new_tokens
+    b = cfg.budget
+    return [min(b.cap, max(b.floor, math.ceil(b.factor * (end - start)))) for _, start, end in spans]
+
+
+@torch.no_grad()
+def answer_losses(model, spans: list[tuple[list[int], int, int]], compute: Compute) -> list[float]:
+    """The mean loss (nats per token) of each gold answer with its end token, given the conversation before it: the
+    masked loss training minimises, on held-out answers. A conversation longer than the model's context keeps its
+    last tokens; an answer longer than that is scored on the part that fits."""
+    model.eval()
+    limit, out = model.arch.max_seq_len, []
+    for ids, start, end in tqdm(spans, desc="answer loss", disable=not sys.stderr.isatty()):
+        if end <= start:
+            out.append(math.nan)
+            continue
+        first = max(0, end - limit)  # the window ids[first:end]; position t predicts t + 1
+        x = torch.tensor([ids[first:end]], device=compute.device)
+        with compute.autocast():
+            logits = model(x)[0].float()
+        targets = torch.arange(max(start, first + 1), end, device=compute.device)
+        nll = torch.nn.functional.cross_entropy(logits[targets - first - 1], x[0, targets - first])
+        out.append(float(nll))
+    return out
+
+
 def generation_rows(model, tok, conversations: list[list[dict]], cfg: EvaluateConfig, compute: Compute,
-                    name: str) -> list[dict]:
-    """One prediction row per held-out conversation: the last assistant turn is the gold answer."""
-    answers = answer(model, tok, [c[:-1] for c in conversations], cfg.max_new_tokens, cfg.batch_size, compute)
+                    name: str, kind: str = "short") -> list[dict]:
+    """One prediction row per held-out conversation: the last assistant turn is the gold answer. Every row has the
+    scores of both answer kinds (long ones only for long answers: they take time), its budget and the gold
+    answer's loss."""
+    spans = gold_spans(tok, conversations)
+    budget = budgets(spans, cfg)
+    answers = answer(model, tok, [c[:-1] for c in conversations], budget, cfg.batch_size, compute)
+    losses = answer_losses(model, spans, compute)
     rows = []
     for i, (conv, (text, stopped)) in enumerate(zip(conversations, answers)):
         gold = conv[-1]["content"]
         rows.append({"example": i, "model": name, "context": json.dumps(conv[:-2]), "prompt": conv[-2]["content"],
-                     "gold": gold, "output": text} | score(text, gold, stopped))
+                     "gold": gold, "output": text, "budget": budget[i] if isinstance(budget, list) else budget,
+                     "answer_loss": losses[i]} | score(text, gold, stopped)
+                    | (long_scores(text, gold) if kind == "long" else {}))
     return rows
 
 
@@ -123,6 +177,33 @@ def mc_rows(model, tok, conversations: list[list[dict]], batch_size: int, comput
                      "choice": choice, "letter_logprobs": json.dumps(dict(zip(letters, np.round(mine, 4).tolist()))),
                      "mc_accuracy": float(choice == gold)})
     return rows
+
+
+# ---- the judge --------------------------------------------------------------------------------------------
+def model_judge(folder: str, prompt: str, compute: Compute, batch_size: int
+                ) -> Callable[[list[tuple[str, str, str]]], list[str]]:
+    """prefer() backed by the model in `folder`: the judging prompt filled in as a user turn, then the log-probability
+    of "A" and of "B" as the model would write them as its answer; the higher wins, equal scores tie."""
+    try:
+        model, tok = load_model(folder).to(compute.device).eval(), load_tokenizer(folder)
+    except Exception as e:  # any reason the folder is not a model: one line naming the param
+        raise UserError(f"evaluate.judge.model={folder!r} cannot be loaded as a judge: {e}") from e
+    limit = model.arch.max_seq_len
+
+    def prefer(triples: list[tuple[str, str, str]]) -> list[str]:
+        pairs = []
+        for question, a, b in triples:
+            text = prompt.format(question=question, answer_a=a[:MAX_CHARS], answer_b=b[:MAX_CHARS])
+            messages = [{"role": "user", "content": text}]
+            for letter in ("A", "B"):
+                context, answer = written_answer(messages, letter, tok)
+                pairs.append((context[-(limit - len(answer)) :], answer))  # the instruction is at the end
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            scores += continuation_logprobs(model, pairs[start : start + batch_size], compute)
+        return ["A" if a > b else "B" if b > a else "tie" for a, b in zip(scores[::2], scores[1::2])]
+
+    return prefer
 
 
 # ---- during training --------------------------------------------------------------------------------------
@@ -208,27 +289,46 @@ def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc:
     the first, and every prediction in predictions_dir/{generation,mc}.parquet. Bad rows of the held-out and
     multiple-choice files fail or are skipped as render.on_error says (`on_error`)."""
     conversations = read_conversations(heldout, on_error)
-    questions = read_conversations(mc, on_error)
+    questions = read_conversations(mc, on_error) if cfg.multiple_choice else []
     if cfg.limit:
         conversations, questions = conversations[: cfg.limit], questions[: cfg.limit]
+    if cfg.judge.model and not Path(cfg.judge.model).exists():  # before the models answer, not after
+        raise UserError(f"evaluate.judge.model={cfg.judge.model!r} does not exist; point it at a model folder or "
+                        "leave it empty for no judge")
+    kind = answer_kind([c[-1]["content"] for c in conversations], cfg.answers)
+    keys = [*scores_for(kind), "answer_loss"]
+    budget = "auto" if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
+    print(f"evaluate: {len(conversations)} held-out answers scored as {kind} answers, budget {budget}"
+          + (f", {len(questions)} multiple-choice questions" if cfg.multiple_choice else ", no multiple choice"))
     compute = setup_compute(cfg.device, cfg.dtype)
     dev_data = load_packed(dev)
-    metrics, gen, choice = {}, {}, {}
+    metrics, gen, choice = {"answers": kind}, {}, {}
     for name, folder in models.items():
         model, tok = load_model(folder).to(compute.device), load_tokenizer(folder)
-        gen[name] = generation_rows(model, tok, conversations, cfg, compute, name)
-        choice[name] = mc_rows(model, tok, questions, cfg.batch_size, compute, name)
-        metrics[name] = summarize(gen[name], RATES, cfg.n_boot, cfg.seed)
-        metrics[name] |= summarize(choice[name], ["mc_accuracy"], cfg.n_boot, cfg.seed, prefix="mc_")
+        gen[name] = generation_rows(model, tok, conversations, cfg, compute, name, kind)
+        metrics[name] = summarize(gen[name], keys, cfg.n_boot, cfg.seed)
+        if cfg.multiple_choice:
+            choice[name] = mc_rows(model, tok, questions, cfg.batch_size, compute, name)
+            metrics[name] |= summarize(choice[name], ["mc_accuracy"], cfg.n_boot, cfg.seed, prefix="mc_")
         metrics[name]["dev_loss"] = evaluate_loss(model, dev_data, cfg.batch_size, compute)
         metrics[name]["dev_ppl"] = math.exp(min(50.0, metrics[name]["dev_loss"]))
         print(f"evaluate {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[name].items()))
     if len(models) == 2:
         a, b = models
         key = f"{b}_minus_{a}"
-        metrics[key] = paired(gen[a], gen[b], RATES, cfg.n_boot, cfg.seed)
-        metrics[key] |= paired(choice[a], choice[b], ["mc_accuracy"], cfg.n_boot, cfg.seed, prefix="mc_")
+        metrics[key] = paired(gen[a], gen[b], keys, cfg.n_boot, cfg.seed)
+        if cfg.multiple_choice:
+            metrics[key] |= paired(choice[a], choice[b], ["mc_accuracy"], cfg.n_boot, cfg.seed, prefix="mc_")
+        if cfg.judge.model:
+            print(f"evaluate: judging {a} vs {b} answers with {cfg.judge.model}, both orders")
+            prefer = model_judge(cfg.judge.model, cfg.judge.prompt, compute, cfg.batch_size)
+            wins = verdicts([(ra["prompt"], ra["output"], rb["output"]) for ra, rb in zip(gen[a], gen[b])], prefer)
+            for ra, rb, w in zip(gen[a], gen[b], wins):
+                ra["judge_win"], rb["judge_win"] = 1.0 - w, w
+            metrics[key] |= summarize_verdicts(wins, cfg.n_boot, cfg.seed)
     write_json(metrics_path, metrics)
+    Path(predictions_dir).mkdir(parents=True, exist_ok=True)
     write_parquet(f"{predictions_dir}/generation.parquet", [r for rows in gen.values() for r in rows])
-    write_parquet(f"{predictions_dir}/mc.parquet", [r for rows in choice.values() for r in rows])
+    if cfg.multiple_choice:
+        write_parquet(f"{predictions_dir}/mc.parquet", [r for rows in choice.values() for r in rows])
     return metrics

@@ -1,11 +1,41 @@
-"""Metrics without a model: the per-example scores of SPEC §5, means with bootstrap 95% intervals, paired
-differences between two models on the same examples, and the "value [lo, hi]" cell every table prints."""
+"""Metrics without a model: the per-example scores of SPEC §5 for short answers and the reference-based ones for
+long answers (ROUGE-L and chrF from the packages that define them, token F1, length ratio), means with bootstrap 95%
+intervals, paired differences between two models on the same examples, and the "value [lo, hi]" cell every table
+prints."""
 import math
 import re
+from collections import Counter
+from functools import cache
 
 import numpy as np
 
-RATES = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3")  # per-example scores, averaged
+RATES = ("exact_match", "contains_answer", "stopped", "length_ok", "distinct3")  # short answers, the during-train set
+SHORT = ("exact_match", "contains_answer", "length_ok")  # a few words: right or wrong
+LONG = ("rougeL", "chrf", "token_f1", "length_ratio")  # paragraphs: how close to the gold answer
+BOTH = ("stopped", "distinct3")  # whatever the answer kind
+SHORT_WORDS = 10  # evaluate.answers: auto takes short when the median gold answer has at most this many words
+
+
+TABLE = ("n", *SHORT, *LONG, *BOTH, "answer_loss", "mc_n", "mc_accuracy", "dev_loss", "dev_ppl")
+NOT_RATES = ("n", "length_ratio", "answer_loss", "mc_n", "dev_loss", "dev_ppl")  # not in [0, 1]
+
+
+def measured(group: dict) -> list[str]:
+    """The keys of a model's metrics that tables show, in the order of TABLE: only what was measured."""
+    return [k for k in TABLE if k in group]
+
+
+def scores_for(kind: str) -> tuple[str, ...]:
+    """The per-example generation scores summarised for answers of this kind (short | long)."""
+    return (*SHORT, *BOTH) if kind == "short" else (*LONG, *BOTH)
+
+
+def answer_kind(golds: list[str], setting: str) -> str:
+    """evaluate.answers: short or long as set, or auto: short when the median gold answer has at most SHORT_WORDS
+    words."""
+    if setting != "auto":
+        return setting
+    return "short" if not golds or np.median([len(g.split()) for g in golds]) <= SHORT_WORDS else "long"
 
 
 def normalize(text: str) -> str:
@@ -14,11 +44,59 @@ def normalize(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+def words(text: str) -> list[str]:
+    return [w for w in re.findall(r"\w+", text.lower()) if w not in ("a", "an", "the")]
+
+
 def distinct3(text: str) -> float:
     """Unique word trigrams / trigrams; 1.0 means no repetition loop (and for texts under 3 words)."""
     words = text.split()
     grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def token_f1(output: str, gold: str) -> float:
+    """F1 of the words shared by output and gold (multiset overlap, as SQuAD scores answers; words are lowercased
+    runs of letters and digits of any script, a/an/the left out); 1.0 when both have none, 0.0 when one has none."""
+    out, ref = words(output), words(gold)
+    if not out or not ref:
+        return float(out == ref)
+    same = sum((Counter(out) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(out), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@cache
+def _rouge():
+    from rouge_score import rouge_scorer  # Google's reference implementation of ROUGE
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(output: str, gold: str) -> float:
+    """ROUGE-L F1 (longest common subsequence of words) by the rouge-score package: lowercased words of [a-z0-9],
+    so text in other scripts scores 0 here (chrF covers every script)."""
+    return float(_rouge().score(gold, output)["rougeL"].fmeasure)
+
+
+@cache
+def _chrf():
+    from sacrebleu.metrics import CHRF  # the reference implementation of chrF
+
+    return CHRF()
+
+
+def chrf(output: str, gold: str) -> float:
+    """chrF (character n-gram F-score, beta 2) by sacrebleu, on a 0-1 scale: works for any language and script."""
+    return float(_chrf().sentence_score(output, [gold]).score) / 100
+
+
+def long_scores(output: str, gold: str) -> dict:
+    """The reference-based scores of a long answer; length_ratio is output over gold characters (1.0: as long)."""
+    return {"rougeL": rouge_l(output, gold), "chrf": chrf(output, gold), "token_f1": token_f1(output, gold),
+            "length_ratio": len(output.strip()) / max(1, len(gold.strip()))}
 
 
 def score(output: str, gold: str, stopped: bool) -> dict:

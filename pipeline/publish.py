@@ -13,21 +13,26 @@ import yaml
 from pipeline.common import UserError, hub_offline
 from pipeline.config import PublishConfig
 from pipeline.hf import model_files
-from pipeline.metrics import RATES, cell
+from pipeline.metrics import cell, measured
 from pipeline.template import chat_template, layout
 from pipeline.tokenizer import load_tokenizer
 
 
 def check_gate(cfg: PublishConfig, metrics: dict) -> None:
-    """The publish gate: a chat model that does not stop makes servers generate until their limit."""
-    stopped = metrics.get("sft", {}).get("stopped")
-    if stopped is None:
-        raise UserError("the metrics have no sft.stopped; run the evaluate stage first (`dvc repro evaluate`)")
-    if stopped < cfg.min_stopped:
-        raise UserError(
-            f"refusing to publish: sft.stopped = {stopped:.3f} is below publish.min_stopped = "
-            f"{cfg.min_stopped:.3f} (the fine-tuned model does not end enough held-out answers with its end token). "
-            "Train longer or check the mask in reports/render.json; set publish.min_stopped lower to publish anyway.")
+    """The publish gate on publish.gate_metric (by default sft.stopped: a chat model that does not stop makes servers
+    generate until their limit)."""
+    group, key = cfg.gate_metric.split(".") if "." in cfg.gate_metric else ("sft", cfg.gate_metric)
+    name = f"{group}.{key}"
+    value = metrics.get(group, {}).get(key) if isinstance(metrics.get(group), dict) else None
+    if not isinstance(value, (int, float)):
+        there = ", ".join(f"{g}.{k}" for g, v in metrics.items() if isinstance(v, dict) for k in v if g == group)
+        raise UserError(f"the metrics have no {name} (publish.gate_metric); run the evaluate stage first (`dvc repro "
+                        f"evaluate`) or name one it measured{': ' + there if there else ''}")
+    if not value >= cfg.gate_min:
+        why = (" (the fine-tuned model does not end enough held-out answers with its end token). Train longer or "
+               "check the mask in reports/render.json;") if name == "sft.stopped" else ";"
+        raise UserError(f"refusing to publish: {name} = {value:.3f} is below publish.gate_min = {cfg.gate_min:.3f}"
+                        f"{why} set publish.gate_min lower to publish anyway")
 
 
 def file_hash(path: str) -> str:
@@ -46,7 +51,7 @@ def file_hash(path: str) -> str:
 def eval_table(metrics: dict) -> str:
     """Base vs fine-tuned, with the 95% interval where the metrics carry one (key_lo, key_hi)."""
     lines = ["| metric | base | sft |", "|---|---|---|"]
-    for key in ("n", *RATES, "dev_loss"):
+    for key in measured(metrics.get("sft", {})):
         lines.append(f"| {key} | {cell(metrics.get('base', {}), key)} | {cell(metrics.get('sft', {}), key)} |")
     return "\n".join(lines)
 

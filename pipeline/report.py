@@ -8,12 +8,10 @@ from pathlib import Path
 import matplotlib
 import pyarrow.parquet as pq
 
-from pipeline.metrics import RATES, cell
+from pipeline.metrics import NOT_RATES, cell, measured
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-
-BARS = (*RATES, "mc_accuracy")
 
 
 def read_tsv(path: Path) -> tuple[list[float], list[float]]:
@@ -51,7 +49,7 @@ def plot_training(curves_dir: str, out_png: str) -> list[str]:
 
 def plot_metrics(metrics: dict, out_png: str, models=("base", "sft")) -> None:
     """Grouped bars per metric, one per model, with the bootstrap 95% interval as error bars."""
-    keys = [k for k in BARS if all(k in metrics[m] for m in models)]
+    keys = [k for k in measured(metrics[models[0]]) if k not in NOT_RATES and all(k in metrics[m] for m in models)]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(models)
     for j, m in enumerate(models):
@@ -60,7 +58,8 @@ def plot_metrics(metrics: dict, out_png: str, models=("base", "sft")) -> None:
         err = [[mu - metrics[m][f"{k}_lo"] for k, mu in zip(keys, mean)],
                [metrics[m][f"{k}_hi"] - mu for k, mu in zip(keys, mean)]]
         n = metrics[m]["n"]
-        ax.bar(x, mean, width, yerr=err, capsize=3, label=f"{m} (n={n}, mc n={metrics[m].get('mc_n', '-')})")
+        mc = f", mc n={metrics[m]['mc_n']}" if "mc_n" in metrics[m] else ""
+        ax.bar(x, mean, width, yerr=err, capsize=3, label=f"{m} (n={n}{mc})")
     ax.set_xticks(range(len(keys)), keys)
     ax.set(ylim=(0, 1.05), ylabel="rate (95% bootstrap interval)", title="held-out evaluation: base vs SFT")
     ax.legend()
@@ -74,22 +73,41 @@ def metrics_table(metrics: dict, models=("base", "sft")) -> str:
     diff = f"{models[1]}_minus_{models[0]}"
     head = ["metric", *models, f"{models[1]} − {models[0]} (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in ("n", *RATES, "mc_n", "mc_accuracy", "dev_loss", "dev_ppl"):
+    for key in measured(metrics[models[0]]):
         lines.append("| " + " | ".join([key, *(cell(metrics[m], key) for m in models),
                                         cell(metrics.get(diff, {}), key)]) + " |")
     return "\n".join(lines)
 
 
-def side_by_side(generation: list[dict], n: int, models=("base", "sft")) -> str:
+def judge_line(metrics: dict, models=("base", "sft")) -> str:
+    """The judge's verdict in one paragraph, when there was a judge (evaluate.judge.model)."""
+    j = metrics.get(f"{models[1]}_minus_{models[0]}", {})
+    if "judge_win_rate" not in j:
+        return ""
+    return (f"\nJudge (`evaluate.judge.model`, both orders): {models[1]} win rate {cell(j, 'judge_win_rate')} over "
+            f"{j['judge_n']} prompts: {j['judge_wins']} wins, {j['judge_ties']} ties, {j['judge_losses']} losses "
+            "(0.5: no better than the base).\n")
+
+
+def excerpt(text: str, chars: int = 300) -> str:
+    """One line of at most `chars` characters: a long answer's beginning, `…` where it was cut."""
+    line = " ".join(text.split())
+    return line if len(line) <= chars else line[: chars - 1] + "…"
+
+
+def side_by_side(generation: list[dict], n: int, models=("base", "sft"), kind: str = "short") -> str:
     by_model = {m: [r for r in generation if r["model"] == m] for m in models}
     blocks = []
     for i in range(min(n, len(by_model[models[0]]))):
         first = by_model[models[0]][i]
-        lines = [f"**{i + 1}. {first['prompt']}** (gold: {first['gold']})", ""]
+        lines = [f"**{i + 1}. {excerpt(first['prompt'])}** (gold: {excerpt(first['gold'])})", ""]
         for m in models:
             r = by_model[m][i]
-            verdict = "contains the answer" if r["contains_answer"] else "does not contain the answer"
-            lines.append(f"- {m}: {r['output'][:300]!r} ({verdict}{'' if r['stopped'] else ', did not stop'})")
+            if kind == "long":
+                verdict = f"ROUGE-L {r['rougeL']:.2f}, chrF {r['chrf']:.2f}, answer loss {r['answer_loss']:.2f}"
+            else:
+                verdict = "contains the answer" if r["contains_answer"] else "does not contain the answer"
+            lines.append(f"- {m}: {excerpt(r['output'])!r} ({verdict}{'' if r['stopped'] else ', did not stop'})")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -98,20 +116,28 @@ def write_report(metrics: dict, generation: list[dict], figures: dict[str, str],
     """The Markdown report: the before/after table, the pictures (paths relative to the report), examples."""
     root = Path(out_md).parent
     pictures = "\n\n".join(f"![{name}]({Path(p).relative_to(root)})" for name, p in figures.items())
+    kind = metrics.get("answers", "short")
+    scores = ("Long answers (`evaluate.answers`): `rougeL` (ROUGE-L F1), `chrf` (chrF, 0-1), `token_f1` (shared "
+              "words) against the gold answer, `length_ratio` (output / gold characters)." if kind == "long" else
+              "Short answers (`evaluate.answers`): `exact_match` and `contains_answer` after normalising (SPEC §5), "
+              "`length_ok` (at most 3x the gold words).")
+    mc = (" `mc_accuracy` is the multiple-choice accuracy from the option letters' scores at the answer position "
+          "(`mc_n` questions)." if "mc_n" in metrics.get("base", {}) else "")
     Path(out_md).write_text(f"""# Evaluation: base vs SFT
 
 Same harness for both models (SPEC §5): greedy decoding with the chat template, stopping at the format's end
-token. Every rate is a mean over examples with its bootstrap 95% interval in brackets; the last column is the
-SFT−base difference on the same examples with a paired bootstrap interval. `mc_accuracy` is the multiple-choice
-accuracy from the option letters' scores at the answer position (`mc_n` questions).
+token. Every score is a mean over examples with its bootstrap 95% interval in brackets; the last column is the
+SFT−base difference on the same examples with a paired bootstrap interval. {scores} `stopped`: the answer ended
+with the end token within its budget; `distinct3`: unique word trigrams; `answer_loss`: the mean loss (nats per
+token) of each gold answer given its conversation, lower is better.{mc}
 
 {metrics_table(metrics)}
-
+{judge_line(metrics)}
 {pictures}
 
 ## Fixed held-out prompts, answered by both models
 
-{side_by_side(generation, n)}
+{side_by_side(generation, n, kind=metrics.get("answers", "short"))}
 """)
 
 

@@ -11,6 +11,7 @@ from pipeline.config import (
     SECTIONS,
     BaseConfig,
     DuringTrainConfig,
+    EvaluateConfig,
     PackConfig,
     TrainConfig,
     from_dict,
@@ -95,6 +96,18 @@ def test_dvc_style_overrides_are_coerced():
                        ({"compile": "yes"}, "must be bool")):
         with pytest.raises(UserError, match=match):
             from_dict(BaseConfig, base | {"pretrain": base["pretrain"] | bad}, "base")
+
+
+def test_a_budget_is_a_number_or_auto():
+    evaluate = project_params()["evaluate"]
+    for value, read in ((64, 64), ("64", 64), ("auto", "auto")):  # `-S evaluate.max_new_tokens=64` may come as '64'
+        assert from_dict(EvaluateConfig, evaluate | {"max_new_tokens": value}, "evaluate").max_new_tokens == read
+    for bad, match in ((True, "must be int or str"), ("lots", "must be a number >= 1 or auto"),
+                       (0, "must be a number >= 1 or auto"), (2.5, "must be int or str")):
+        with pytest.raises(UserError, match=f"evaluate.max_new_tokens.*{match}"):
+            from_dict(EvaluateConfig, evaluate | {"max_new_tokens": bad}, "evaluate")
+    with pytest.raises(UserError, match=r"cap=8 must be >= floor"):
+        from_dict(EvaluateConfig, evaluate | {"budget": {"factor": 2.0, "floor": 16, "cap": 8}}, "evaluate")
 
 
 def test_pack_weights_set_per_source_with_dvc_set_param(tmp_path):

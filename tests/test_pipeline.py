@@ -29,7 +29,7 @@ TINY = {
     "pack": {"block_size": 128},
     "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2},
     "evaluate": {"limit": 8, "max_new_tokens": 6, "n_boot": 200, "during_train": {"prompts": 4, "max_new_tokens": 4}},
-    "publish": {"min_stopped": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
+    "publish": {"gate_min": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
 }
 
 

@@ -67,13 +67,27 @@ def test_push_skips_with_a_reason(published, monkeypatch):
 
 
 def test_gate_refuses_a_model_that_does_not_stop():
-    check_gate(config("publish", min_stopped=0.9), METRICS)  # sft.stopped = 1.0 passes
+    check_gate(config("publish", gate_min=0.9), METRICS)  # sft.stopped = 1.0 passes
     low = {"base": METRICS["base"], "sft": METRICS["sft"] | {"stopped": 0.42}}
-    with pytest.raises(ValueError, match=r"sft.stopped = 0.420 is below publish.min_stopped = 0.900"):
-        check_gate(config("publish", min_stopped=0.9), low)
-    check_gate(config("publish", min_stopped=0.4), low)
+    with pytest.raises(ValueError, match=r"sft.stopped = 0.420 is below publish.gate_min = 0.900"):
+        check_gate(config("publish", gate_min=0.9), low)
+    check_gate(config("publish", gate_min=0.4), low)
     with pytest.raises(ValueError, match="no sft.stopped"):
         check_gate(config("publish"), {"base": METRICS["base"]})
+
+
+def test_gate_reads_the_metric_it_is_told():
+    metrics = {"answers": "long", "sft": {"stopped": 0.1, "rougeL": 0.31},
+               "sft_minus_base": {"rougeL": 0.05, "rougeL_lo": 0.01, "rougeL_hi": 0.09}}
+    check_gate(config("publish", gate_metric="rougeL", gate_min=0.3), metrics)  # sft.stopped 0.1 is not read
+    check_gate(config("publish", gate_metric="sft_minus_base.rougeL_lo", gate_min=0.0), metrics)
+    with pytest.raises(ValueError, match=r"^refusing to publish: sft_minus_base.rougeL_lo = 0.010 is below "
+                                         r"publish.gate_min = 0.020; set publish.gate_min lower"):
+        check_gate(config("publish", gate_metric="sft_minus_base.rougeL_lo", gate_min=0.02), metrics)
+    with pytest.raises(ValueError, match=r"no sft.chrf .*name one it measured: sft.stopped, sft.rougeL"):
+        check_gate(config("publish", gate_metric="chrf"), metrics)
+    with pytest.raises(ValueError, match="gate_metric"):
+        config("publish", gate_metric="a.b.c")
 
 
 def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch):
@@ -101,7 +115,8 @@ def publish_stage(tmp_path, tok, env: dict, metrics: dict = METRICS) -> subproce
     save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "sft"))
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
-    params = {"publish": {"repo_id": "tester/tiny-chat", "private": True, "model_name": "tiny", "min_stopped": 0.5}}
+    params = {"publish": {"repo_id": "tester/tiny-chat", "private": True, "model_name": "tiny",
+                          "gate_metric": "stopped", "gate_min": 0.5}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     return subprocess.run([sys.executable, "-m", "stages.publish", "sft", "metrics.json", "out", "train.jsonl"],

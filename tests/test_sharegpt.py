@@ -6,9 +6,11 @@ policy nearly every trained token; and the real model is fine-tuned on a few hun
 stages."""
 import json
 import math
+import re
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.common import IGNORE_INDEX
@@ -148,7 +150,9 @@ def test_split_keeps_nearly_every_trained_token_of_long_conversations(rendered):
 def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smollm2, tmp_path):
     """`dvc repro` with params pointing at a few hundred real ShareGPT conversations and the GGUF model: rendered in its
     own template (default system prompt and all), split into rows of whole exchanges at 1024 tokens, a few SFT steps
-    on the CPU, evaluated, and exported with the template transformers then renders the same prompt ids from."""
+    on the CPU, evaluated as long answers (budget from each gold answer, reference-based scores and the answer loss
+    with intervals, no multiple choice), gated on the metric named, and exported with the template transformers
+    then renders the same prompt ids from."""
     import transformers
     import yaml
 
@@ -156,7 +160,7 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
     from pipeline.template import render_prompt
     from pipeline.tokenizer import load_tokenizer
     from tests.conftest import ROOT, merge
-    from tests.test_pipeline import TINY, run
+    from tests.test_pipeline import TINY, ran, run
 
     gguf, _, _ = smollm2
     rows = [row for _, (_, row) in zip(range(600), _array_rows(sharegpt, sharegpt.read_text(encoding="utf-8")))]
@@ -175,12 +179,15 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
         "render": {"on_error": "skip", "unpaired": "trim"},
         "pack": {"block_size": 1024, "overlong": "split"},
         "train": {"max_steps": 2, "batch_size": 1, "eval_every": 2},
-        "evaluate": {"limit": 3, "max_new_tokens": 4, "batch_size": 3,
-                     "during_train": {"prompts": 1, "samples": 1, "max_new_tokens": 2}}})
+        "evaluate": {"limit": 3, "max_new_tokens": "auto", "budget": {"factor": 2.0, "floor": 4, "cap": 8},
+                     "batch_size": 3, "multiple_choice": False,
+                     "during_train": {"prompts": 1, "samples": 1, "max_new_tokens": 2}},
+        "publish": {"gate_metric": "chrf", "gate_min": 1.5}})  # chrF is at most 1: refused
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
-    out = run("dvc repro", repo)
-    assert "chat format template" in out
+    out = run("dvc repro", repo, ok=False)
+    assert re.search(r"refusing to publish: sft\.chrf = 0\.\d{3} is below publish\.gate_min = 1\.500", out)
+    assert "chat format template" in out and "scored as long answers, budget auto, no multiple choice" in out
     render = json.loads((repo / "reports/render.json").read_text())["train"]
     assert render["rows_read"] == render["rows_kept"] + render["rows_dropped"] == 300 and render["rows_kept"] > 280
     assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0.0
@@ -190,7 +197,20 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
     train = json.loads((repo / "reports/train/metrics.json").read_text())
     assert train["step"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert metrics["sft"]["n"] == metrics["base"]["n"] == 3
+    assert metrics["answers"] == "long" and metrics["sft"]["n"] == metrics["base"]["n"] == 3
+    for group in ("base", "sft"):
+        m = metrics[group]
+        assert "mc_n" not in m and "exact_match" not in m
+        for key in ("rougeL", "chrf", "token_f1", "length_ratio", "stopped", "answer_loss"):
+            assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"] and math.isfinite(m[key])
+    assert "answer_loss_wins" in metrics["sft_minus_base"]
+    gen = pq.read_table(repo / "reports/predictions/generation.parquet").to_pylist()
+    assert all(4 <= r["budget"] <= 8 for r in gen) and not (repo / "reports/predictions/mc.parquet").exists()
+    report = (repo / "reports/eval.md").read_text()
+    assert "| chrf |" in report and "mc_accuracy" not in report and "answer loss" in report
+    params["publish"]["gate_min"] = 0.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(run("dvc repro", repo)) == ["publish"]
     published = repo / "publish/model"
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
     messages = [{"role": "user", "content": short[0]["conversations"][0]["value"]}]

@@ -105,7 +105,7 @@ def test_publish_gate_and_offline_hub_are_one_line(tmp_path, tok):
     (tmp_path / "metrics.json").write_text(json.dumps({"sft": {"stopped": 0.25}}))
     write_params(tmp_path)
     one_line(stage(tmp_path, "publish", "sft", "metrics.json", "out"), "publish",
-             "refusing to publish: sft.stopped = 0.250 is below publish.min_stopped = 0.900")
+             "refusing to publish: sft.stopped = 0.250 is below publish.gate_min = 0.900")
     (tmp_path / "metrics.json").write_text(json.dumps({"sft": {"stopped": 1.0}}))
     write_params(tmp_path, publish={"repo_id": "me/model"})
     one_line(stage(tmp_path, "publish", "sft", "metrics.json", "out", env={"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}),
