@@ -33,8 +33,14 @@ class RemoteStore:
     root: str  # <remote path>/sft-checkpoints/<desc: sft | base>/<fingerprint>
     where: str  # the remote's name and URL, for messages
     desc: str
+    note: Path | None = None  # written once the remote answers: the finished run deletes its checkpoints there
     warned: bool = False
     uploaded: int = 0
+
+    def reached(self) -> None:
+        if self.note is not None and not self.note.exists():
+            self.note.parent.mkdir(parents=True, exist_ok=True)
+            self.note.write_text(json.dumps({"desc": self.desc, "fingerprint": self.fs.name(self.root)}) + "\n")
 
     def warn(self, what: str, e: Exception) -> None:
         if not self.warned:
@@ -50,7 +56,8 @@ class RemoteStore:
         try:
             paths = list(self.fs.find(self.root))
         except FileNotFoundError:
-            return []
+            paths = []
+        self.reached()
         found = []
         for p in paths:
             if self.fs.name(p).startswith("step-") and p.endswith(".json"):
@@ -68,6 +75,7 @@ class RemoteStore:
             self.fs.makedirs(self.root, exist_ok=True)  # a folder remote needs it; object stores ignore it
             if self.fs.exists(marker):  # a rerun uploading a step again: no marker may vouch for bytes in flight
                 self.fs.rm(marker)
+            self.reached()
             self.fs.put_file(str(local), data)
             self.fs.pipe_file(marker, json.dumps(meta).encode())
             self.uploaded += 1

@@ -386,13 +386,13 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
 
 
 def open_remote(ckpt: Path, desc: str, fp: str):
-    """The run's checkpoint folder on the DVC remote (or None), noted next to the local checkpoint for
-    clear_checkpoint, which deletes it once the model folder is written."""
+    """The run's checkpoint folder on the DVC remote (or None). Once the remote answers, remote.json next to the
+    local checkpoint notes it for clear_checkpoint, which deletes the run's remote checkpoints."""
     store = open_store(desc, fp)
     if store is not None:
-        print0(f"{desc}: resume checkpoints also go to DVC remote {store.where}: {store.root}")
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        (ckpt.parent / "remote.json").write_text(json.dumps({"desc": desc, "fingerprint": fp}) + "\n")
+        store.note = ckpt.parent / "remote.json"
+        print0(f"{desc}: resume checkpoints also go to DVC remote {store.where}: "
+               f"{store.fs.unstrip_protocol(store.root)}")
     return store
 
 
