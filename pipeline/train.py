@@ -291,12 +291,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         fp = fingerprint(cfg, model, train_data, world)
         store = open_remote(ckpt, desc, fp) if cfg.remote_checkpoints and rank == 0 else None
         uploader = Uploader(store, cfg.remote_keep) if store is not None else None
-        state = None if cfg.remote_checkpoints and rank != 0 else load_checkpoint(ckpt, fp, desc)
-        if state is None and store is not None and store.download(ckpt) is not None:  # none here: the remote's
-            state = load_checkpoint(ckpt, fp, desc)
-        if cfg.remote_checkpoints and world > 1:  # the other ranks wait for rank 0's download, then read that file
-            dist.barrier()
-            state = load_checkpoint(ckpt, fp, desc) if rank != 0 else state
+        state = find_checkpoint(ckpt, fp, desc, store, cfg.remote_checkpoints, world, rank)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -385,9 +380,27 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     return summary
 
 
+def find_checkpoint(ckpt: Path, fp: str, desc: str, store, remote: bool, world: int, rank: int) -> dict | None:
+    """The local checkpoint; with remote checkpoints and none usable here, the newest of the run on the remote,
+    downloaded by rank 0 while the other ranks wait, then read by all from the same file."""
+    if not remote:
+        return load_checkpoint(ckpt, fp, desc)
+    state = None
+    if rank == 0:
+        state = load_checkpoint(ckpt, fp, desc)
+        if state is None and store is not None and store.download(ckpt) is not None:
+            state = load_checkpoint(ckpt, fp, desc)
+    if world > 1:
+        dist.barrier()
+        state = load_checkpoint(ckpt, fp, desc) if rank != 0 else state
+    return state
+
+
 def open_remote(ckpt: Path, desc: str, fp: str):
     """The run's checkpoint folder on the DVC remote (or None). Once the remote answers, remote.json next to the
     local checkpoint notes it for clear_checkpoint, which deletes the run's remote checkpoints."""
+    for stale in ckpt.parent.glob(f".{ckpt.name}.*"):  # upload snapshots, downloads, temp files a kill left behind
+        stale.unlink()
     store = open_store(desc, fp)
     if store is not None:
         store.note = ckpt.parent / "remote.json"
