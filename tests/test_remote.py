@@ -63,43 +63,62 @@ def remote(request, tmp_path):
         yield "s3://models/project", url, env
 
 
-@pytest.mark.slow
-def test_sigkill_in_one_clone_then_a_fresh_clone_resumes_from_the_remote_bit_identical(
-        workdir, tmp_path, remote, monkeypatch):  # noqa: F811
-    url, endpoint, env = remote
-    for key, value in env.items():  # the stage subprocesses inherit the S3 credentials, as from the user's shell
-        monkeypatch.setenv(key, value)
-    long = TRAIN | {"max_steps": 100, "log_every": 10}  # room to kill it between the first upload and the end
-    finish(stage(workdir, "whole", long))  # the uninterrupted reference, no remote
+def kill_in_one_clone_resume_in_another(made: Path, tmp_path: Path, url: str, endpoint: str | None,
+                                         train: dict) -> None:
+    """An uninterrupted run (no remote) for reference; a clone of a project with the remote on, killed with SIGKILL
+    (all its processes) once a checkpoint is on the remote; a second fresh clone resumes from it, bit for bit."""
+    finish(stage(made, "whole", train))
     origin = tmp_path / "origin"
     origin.mkdir()
     for name in ("base", "packed"):
-        shutil.copytree(workdir / name, origin / name)
+        shutil.copytree(made / name, origin / name)
     dvc_project(origin, url, endpoint)
-    on = long | {"remote_checkpoints": True}
+    on = train | {"remote_checkpoints": True}
     write_params(origin, lr=on.pop("lr"), train=on, evaluate={"during_train": {"prompts": 0, "samples": 0}})
-    on["lr"] = long["lr"]  # stage() writes the same params.yaml again
+    on["lr"] = train["lr"]  # stage() writes the same params.yaml again
     run("git add -A && git commit -qm project", origin)
     first, second = tmp_path / "first", tmp_path / "second"
     run(f"git clone -q {origin} {first} && git clone -q {origin} {second}", tmp_path)
     victim = stage(first, "run", on)
     while not [f for f in remote_files(url, endpoint) if f.endswith(".json")] and victim.poll() is None:
         time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
+    import psutil  # a DVC dependency; torchrun's workers are no children of its process group
+
+    for proc in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
+        proc.kill()  # the machine is gone: every process at once
     said, _ = victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL and "sft: {" not in said, "the run finished before it was killed"
     marker = [f for f in remote_files(url, endpoint) if f.endswith(".json")][-1]
     saved = int(marker.rsplit("step-", 1)[1].removesuffix(".json"))
-    assert 4 <= saved < long["max_steps"] and marker.startswith("sft-checkpoints/sft/")
+    assert 4 <= saved < train["max_steps"] and marker.startswith("sft-checkpoints/sft/")
     assert not (second / "ckpt").exists()
     log = finish(stage(second, "run", on))
     assert f"downloaded the step-{saved} checkpoint from DVC remote store" in log
-    assert f"resuming from ckpt/run/resume.pt at step {saved}/100" in log
-    weights = [(d / "out" / n / "model.safetensors").read_bytes() for d, n in ((workdir, "whole"),
+    assert f"resuming from ckpt/run/resume.pt at step {saved}/{train['max_steps']}" in log
+    weights = [(d / "out" / n / "model.safetensors").read_bytes() for d, n in ((made, "whole"),
                                                                                 (second, "run"))]
     assert weights[0] == weights[1]
     assert not [f for f in remote_files(url, endpoint) if f.startswith("sft-checkpoints")]  # remote_keep 0
     assert not (second / "ckpt/run/resume.pt").exists()
+
+
+LONG = TRAIN | {"max_steps": 100, "log_every": 10}  # room to kill a run between its first upload and its end
+
+
+@pytest.mark.slow
+def test_sigkill_in_one_clone_then_a_fresh_clone_resumes_from_the_remote_bit_identical(
+        workdir, tmp_path, remote, monkeypatch):  # noqa: F811
+    url, endpoint, env = remote
+    for key, value in env.items():  # the stage subprocesses inherit the S3 credentials, as from the user's shell
+        monkeypatch.setenv(key, value)
+    kill_in_one_clone_resume_in_another(workdir, tmp_path, url, endpoint, LONG)
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_resume_from_the_remote(workdir, tmp_path):  # noqa: F811
+    """Rank 0 uploads; in the fresh clone rank 0 downloads, rank 1 waits for it, and both resume at that step."""
+    two = LONG | {"nproc": 2, "batch_size": 4, "max_steps": 150}
+    kill_in_one_clone_resume_in_another(workdir, tmp_path, str(tmp_path / "store"), None, two)
 
 
 def test_other_params_checkpoint_is_refused_and_the_finished_run_keeps_remote_keep(tmp_path, monkeypatch, capsys):
