@@ -34,11 +34,12 @@ class RemoteStore:
     where: str  # the remote's name and URL, for messages
     desc: str
     note: Path | None = None  # written once the remote answers: the finished run deletes its checkpoints there
+    noted: bool = False
     warned: bool = False
-    uploaded: int = 0
 
     def reached(self) -> None:
-        if self.note is not None and not self.note.exists():
+        if self.note is not None and not self.noted:  # (over a note an earlier run of other params left)
+            self.noted = True
             self.note.parent.mkdir(parents=True, exist_ok=True)
             self.note.write_text(json.dumps({"desc": self.desc, "fingerprint": self.fs.name(self.root)}) + "\n")
 
@@ -62,9 +63,11 @@ class RemoteStore:
         for p in paths:
             if self.fs.name(p).startswith("step-") and p.endswith(".json"):
                 try:
-                    found.append(json.loads(self.fs.cat_file(p)))
+                    meta = json.loads(self.fs.cat_file(p))
                 except (ValueError, OSError):
                     continue
+                if isinstance(meta, dict) and {"step", "size", "sha256"} <= meta.keys():
+                    found.append(meta)
         return sorted(found, key=lambda m: m["step"], reverse=True)
 
     def upload(self, local: Path, step: int, keep: int) -> None:
@@ -78,7 +81,6 @@ class RemoteStore:
             self.reached()
             self.fs.put_file(str(local), data)
             self.fs.pipe_file(marker, json.dumps(meta).encode())
-            self.uploaded += 1
             self.prune(keep)
         except Exception as e:  # noqa: BLE001  (any backend's error: warn, keep training)
             self.warn(f"uploading the step-{step} checkpoint", e)
