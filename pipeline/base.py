@@ -55,4 +55,4 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
     train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir)
     if out is not None:  # rank 0
         save_model(model.cpu(), tok, out, **save_options(cfg.pretrain))
-        clear_checkpoint(ckpt_dir)
+        clear_checkpoint(ckpt_dir, cfg.pretrain)

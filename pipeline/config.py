@@ -244,6 +244,8 @@ class TrainConfig:
     log_every: int  # steps between log lines when stdout is not a terminal
     max_bad_steps: int  # consecutive non-finite steps before the run stops
     save_every: int  # steps between resume checkpoints; 0: none
+    remote_checkpoints: bool  # also upload each resume checkpoint to the default DVC remote; a rerun anywhere resumes
+    remote_keep: int  # remote checkpoints a finished run keeps (0: none)
     nproc: int  # processes (GPUs) on this machine; > 1 relaunches the stage under torchrun (DDP)
     compile: bool  # torch.compile the blocks on CUDA (fixed shapes); CPU always runs eager
     activation_checkpointing: bool  # recompute blocks in backward: less memory, ~30% more compute
@@ -257,7 +259,8 @@ class TrainConfig:
     def __post_init__(self):
         at_least_1 = ("batch_size", "grad_accum", "eval_every", "log_every", "max_bad_steps", "nproc")
         rules = {k: (getattr(self, k) >= 1, "must be >= 1") for k in at_least_1}
-        rules |= {k: (getattr(self, k) >= 0, "must be >= 0") for k in ("save_every", "loss_chunk", "weight_decay")}
+        rules |= {k: (getattr(self, k) >= 0, "must be >= 0") for k in ("save_every", "loss_chunk", "weight_decay",
+                                                                      "remote_keep")}
         rules |= {
             "lr": (self.lr > 0, "must be > 0"),
             "min_lr_frac": (0 <= self.min_lr_frac <= 1, "must be in [0, 1]"),

@@ -27,5 +27,5 @@ def finetune(cfg: TrainConfig, during: DuringTrainConfig, base: str, packed: str
     print0(f"sft: {summary}")
     if out is not None:
         save_model(model.cpu(), tok, out, like=base, **save_options(cfg))  # the base's config, dtype, shards
-        clear_checkpoint(ckpt_dir)
+        clear_checkpoint(ckpt_dir, cfg)
     return summary

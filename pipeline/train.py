@@ -2,7 +2,8 @@
 One visible loop: AdamW (decay on matrices), warmup + cosine to a floor, gradient accumulation with the loss
 normalised by the trained-target count of the whole optimizer step (over all ranks), clipping, non-finite steps
 skipped, DDP under torchrun, and an atomic resume checkpoint every save_every steps that makes a rerun after a
-crash continue exactly where the last checkpoint left off."""
+crash continue exactly where the last checkpoint left off (also from the DVC remote, on another machine, with
+remote_checkpoints: pipeline/remote.py)."""
 import contextlib
 import dataclasses
 import hashlib
@@ -25,6 +26,7 @@ from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_sum, init_distributed
 from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
 from pipeline.pack import ARRAYS
+from pipeline.remote import Uploader, finish, open_store
 
 
 def total_steps(cfg: TrainConfig, n_rows: int, world: int = 1) -> int:
@@ -204,7 +206,8 @@ def configure(model: Transformer, cfg: TrainConfig, compute: Compute) -> None:
 
 # ---- resume ---------------------------------------------------------------------------------------------------
 NOT_FINGERPRINTED = ("eval_every", "log_every", "save_every", "max_bad_steps", "wandb_project",
-                     "activation_checkpointing", "save_dtype", "max_shard_gb")  # never change the trained weights
+                     "activation_checkpointing", "save_dtype", "max_shard_gb", "remote_checkpoints",
+                     "remote_keep")  # never change the trained weights
 
 
 def fingerprint(cfg: TrainConfig, model: Transformer, arrays: dict, world: int) -> str:
@@ -283,9 +286,12 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     optimizer = make_optimizer(model, cfg, device)
     start, skipped, bad_in_row, summary = 0, 0, 0, {}
     ckpt = Path(ckpt_dir) / "resume.pt" if ckpt_dir and cfg.save_every > 0 else None
+    uploader = None
     if ckpt is not None:
         fp = fingerprint(cfg, model, train_data, world)
-        state = load_checkpoint(ckpt, fp, desc)
+        store = open_remote(ckpt, desc, fp) if cfg.remote_checkpoints and rank == 0 else None
+        uploader = Uploader(store, cfg.remote_keep) if store is not None else None
+        state = find_checkpoint(ckpt, fp, desc, store, cfg.remote_checkpoints, world, rank)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -343,6 +349,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
             print0(f"{desc}: step {step} non-finite (loss {loss}, grad norm {grad_norm}); skipped")
             if bad_in_row >= cfg.max_bad_steps:
+                if uploader is not None:
+                    uploader.close()
                 raise RuntimeError(f"{desc}: {bad_in_row} non-finite steps in a row; stopping (the last resume "
                                    f"checkpoint, if any, is {ckpt} and holds weights from before them)")
         optimizer.zero_grad(set_to_none=True)
@@ -350,6 +358,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             save_checkpoint(ckpt, {"fingerprint": fp, "step": step + 1, "skipped": skipped, "bad_in_row": bad_in_row,
                                    "summary": summary, "model": model.state_dict(),
                                    "optimizer": optimizer.state_dict(), "rng": rng_state()})
+            if uploader is not None:
+                uploader.submit(ckpt, step + 1)  # in the background; the loop goes on
         if bad_in_row:
             continue
         dt = time.time() - t0
@@ -363,12 +373,50 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                    f"tok/s {tok_s:,.0f} eta {eta:,.0f}s")
         summary["loss"] = loss
     bar.close()
+    if uploader is not None:
+        uploader.close()
     summary |= {"steps": n_steps, "skipped_steps": skipped, "seconds": time.time() - t_start}
     close()
     return summary
 
 
-def clear_checkpoint(ckpt_dir: str | None) -> None:
-    """After the model folder is written the resume checkpoint has served its purpose."""
-    if ckpt_dir and is_rank0():
-        (Path(ckpt_dir) / "resume.pt").unlink(missing_ok=True)
+def find_checkpoint(ckpt: Path, fp: str, desc: str, store, remote: bool, world: int, rank: int) -> dict | None:
+    """The local checkpoint; with remote checkpoints and none usable here, the newest of the run on the remote,
+    downloaded by rank 0 while the other ranks wait, then read by all from the same file."""
+    if not remote:
+        return load_checkpoint(ckpt, fp, desc)
+    state = None
+    if rank == 0:
+        state = load_checkpoint(ckpt, fp, desc)
+        if state is None and store is not None and store.download(ckpt) is not None:
+            state = load_checkpoint(ckpt, fp, desc)
+    if world > 1:
+        dist.barrier()
+        state = load_checkpoint(ckpt, fp, desc) if rank != 0 else state
+    return state
+
+
+def open_remote(ckpt: Path, desc: str, fp: str):
+    """The run's checkpoint folder on the DVC remote (or None). Once the remote answers, remote.json next to the
+    local checkpoint notes it for clear_checkpoint, which deletes the run's remote checkpoints."""
+    for stale in ckpt.parent.glob(f".{ckpt.name}.*"):  # upload snapshots, downloads, temp files a kill left behind
+        stale.unlink()
+    store = open_store(desc, fp)
+    if store is not None:
+        store.note = ckpt.parent / "remote.json"
+        print0(f"{desc}: resume checkpoints also go to DVC remote {store.where}: "
+               f"{store.fs.unstrip_protocol(store.root)}")
+    return store
+
+
+def clear_checkpoint(ckpt_dir: str | None, cfg: TrainConfig) -> None:
+    """After the model folder is written the resume checkpoint has served its purpose; so have the run's remote
+    ones, but for the newest cfg.remote_keep."""
+    if not ckpt_dir or not is_rank0():
+        return
+    (Path(ckpt_dir) / "resume.pt").unlink(missing_ok=True)
+    note = Path(ckpt_dir) / "remote.json"
+    if note.exists():
+        run = json.loads(note.read_text())
+        finish(run["desc"], run["fingerprint"], cfg.remote_keep)
+        note.unlink()
