@@ -5,9 +5,10 @@ Usage:
 
     python bench/real_eval.py [--train 300] [--steps 20] [--lr 5e-5] [--heldout 40] [--cap 256] [--out DIR]
 
-The held-out conversations are the first ones after train and dev whose last answer has at most 600 characters
-and whose whole text at most 2,000: long enough to be real answers, short enough for the CPU to answer twice with a
-budget of 2x each gold answer (`evaluate.max_new_tokens: auto`) that the cap rarely cuts."""
+The held-out conversations are the first ones after train and dev whose last answer has at most 600 characters,
+whose whole text has at most 2,000 and which hold a user turn before that answer: real answers, short enough for the
+CPU to answer twice with a budget of 2x each gold answer (`evaluate.max_new_tokens: auto`) that the cap rarely
+cuts."""
 import argparse
 import json
 import os
@@ -35,7 +36,9 @@ from tests.test_sharegpt import MEMBER, WHEEL  # noqa: E402
 def held_out(rows: list[dict], n: int) -> list[dict]:
     def last_answer(row):
         return next((t["value"] for t in reversed(row.get("conversations") or []) if t.get("from") == "gpt"), "")
-    return [r for r in rows if 0 < len(last_answer(r)) <= 600 and len(json.dumps(r)) <= 2000][:n]
+    def asked(row):  # a user turn before the last answer (the dump holds lone answers)
+        return any(t.get("from") == "human" for t in (row.get("conversations") or [])[:-1])
+    return [r for r in rows if 0 < len(last_answer(r)) <= 600 and len(json.dumps(r)) <= 2000 and asked(r)][:n]
 
 
 def main() -> None:

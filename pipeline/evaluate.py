@@ -282,13 +282,26 @@ def write_parquet(path: str, rows: list[dict]) -> None:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
+def without_prompt(conversations: list[list[dict]], path: str, on_error: str) -> list[list[dict]]:
+    """The held-out conversations whose last answer follows a user turn: the others (real dumps hold answers with
+    nothing before them) give no prompt to answer. They fail or are left out, as render.on_error says."""
+    bad = [i for i, c in enumerate(conversations) if not any(m["role"] == "user" for m in c[:-1])]
+    if bad and on_error == "fail":
+        raise UserError(f"{path}: held-out conversation {bad[0] + 1} has no user turn before its last answer, so "
+                        "there is no prompt to answer; fix it or set render.on_error: skip")
+    if bad:
+        print(f"evaluate: {len(bad)} held-out conversations left out: no user turn before the last answer")
+    left_out = set(bad)
+    return [c for i, c in enumerate(conversations) if i not in left_out]
+
+
 def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc: str, dev: str, metrics_path: str,
                   predictions_dir: str, on_error: str = "fail") -> dict:
     """Run the same harness on each model folder (base first: the 'before' row) -> metrics.json grouped by
     model (every rate with n and a bootstrap 95% interval), a paired comparison of the second model against
     the first, and every prediction in predictions_dir/{generation,mc}.parquet. Bad rows of the held-out and
     multiple-choice files fail or are skipped as render.on_error says (`on_error`)."""
-    conversations = read_conversations(heldout, on_error)
+    conversations = without_prompt(read_conversations(heldout, on_error), heldout, on_error)
     questions = read_conversations(mc, on_error) if cfg.multiple_choice else []
     if cfg.limit:
         conversations, questions = conversations[: cfg.limit], questions[: cfg.limit]

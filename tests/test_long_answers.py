@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pipeline.evaluate as evaluate_module
-from pipeline.common import setup_compute
+from pipeline.common import UserError, setup_compute
 from pipeline.config import BudgetConfig
-from pipeline.evaluate import answer_losses, generation_rows, gold_spans
+from pipeline.evaluate import answer_losses, generation_rows, gold_spans, without_prompt
 from pipeline.metrics import answer_kind, chrf, long_scores, paired, rouge_l, token_f1
 from pipeline.pack import pack
 from pipeline.template import layout, render
@@ -133,3 +133,12 @@ def test_answer_loss_tells_a_model_trained_on_the_answers_from_its_base(tok, tmp
             for name, m in (("base", base), ("tuned", tuned))}
     diff = paired(rows["base"], rows["tuned"], ["answer_loss"], 1000, 0)
     assert diff["answer_loss_hi"] < 0 and diff["answer_loss_losses"] == 6 and math.isfinite(diff["answer_loss"])
+
+
+def test_a_held_out_answer_without_a_prompt_fails_or_is_left_out(capsys):
+    lone = [{"role": "assistant", "content": "An answer cut from its question."}]
+    system_only = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(UserError, match=r"^held.jsonl: held-out conversation 2 has no user turn before its last"):
+        without_prompt([LONG[0], lone, LONG[1]], "held.jsonl", "fail")
+    assert without_prompt([LONG[0], lone, system_only, LONG[1]], "held.jsonl", "skip") == [LONG[0], LONG[1]]
+    assert "2 held-out conversations left out" in capsys.readouterr().out
