@@ -310,8 +310,7 @@ def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc:
                         "leave it empty for no judge")
     kind = answer_kind([c[-1]["content"] for c in conversations], cfg.answers)
     keys = [*scores_for(kind), "answer_loss"]
-    budget = "auto" if cfg.max_new_tokens == "auto" else int(cfg.max_new_tokens)
-    print(f"evaluate: {len(conversations)} held-out answers scored as {kind} answers, budget {budget}"
+    print(f"evaluate: {len(conversations)} held-out answers scored as {kind} answers, budget {cfg.max_new_tokens}"
           + (f", {len(questions)} multiple-choice questions" if cfg.multiple_choice else ", no multiple choice"))
     compute = setup_compute(cfg.device, cfg.dtype)
     dev_data = load_packed(dev)

@@ -23,9 +23,10 @@ def check_gate(cfg: PublishConfig, metrics: dict) -> None:
     generate until their limit)."""
     group, key = cfg.gate_metric.split(".") if "." in cfg.gate_metric else ("sft", cfg.gate_metric)
     name = f"{group}.{key}"
-    value = metrics.get(group, {}).get(key) if isinstance(metrics.get(group), dict) else None
+    measured = metrics.get(group) if isinstance(metrics.get(group), dict) else {}
+    value = measured.get(key)
     if not isinstance(value, (int, float)):
-        there = ", ".join(f"{g}.{k}" for g, v in metrics.items() if isinstance(v, dict) for k in v if g == group)
+        there = ", ".join(f"{group}.{k}" for k in measured)
         raise UserError(f"the metrics have no {name} (publish.gate_metric); run the evaluate stage first (`dvc repro "
                         f"evaluate`) or name one it measured{': ' + there if there else ''}")
     if not value >= cfg.gate_min:
