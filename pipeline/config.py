@@ -54,8 +54,10 @@ def _coerce(value, kind, key: str):
         return None, f"{key}={value!r} must be {' or '.join(k.__name__ for k in typing.get_args(kind))}"
     if kind is float and type(value) is int:
         value = float(value)
-    if kind in (int, float, str, bool, dict) and type(value) is not kind:
-        return None, f"{key}={value!r} must be {'a mapping' if kind is dict else kind.__name__}"
+    if kind is list and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        return None, f"{key}={value!r} must be a list of names"
+    if kind in (int, float, str, bool, dict, list) and type(value) is not kind:
+        return None, f"{key}={value!r} must be {({dict: 'a mapping', list: 'a list'}).get(kind, kind.__name__)}"
     if kind is float and not math.isfinite(value):
         return None, f"{key}={value!r} must be finite"
     return value, None
@@ -277,6 +279,41 @@ class TrainConfig:
         require(self, rules)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # PEFT's names
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int  # adapter rank r; 0: full fine-tuning
+    alpha: float  # the adapter's update is scaled by alpha / rank
+    dropout: float  # dropout on the adapter's input, in training only
+    targets: list  # the projections that get adapters, by transformers' names (q_proj ... down_proj)
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        require(self, {"rank": (self.rank >= 0, "must be >= 0 (0: full fine-tuning)"),
+                       "alpha": (self.alpha > 0, "must be > 0"),
+                       "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
+                       "targets": (bool(self.targets) and not bad and len(set(self.targets)) == len(self.targets),
+                                   f"must list some of {', '.join(LORA_TARGETS)}, each once")})
+
+
+@dataclasses.dataclass
+class SftConfig(TrainConfig):
+    """The train section: the training loop's params plus what only fine-tuning has."""
+    lora: LoraConfig  # low-rank adapters instead of full fine-tuning (rank > 0)
+    parallel: str  # with nproc > 1 (or under torchrun): ddp (a whole copy per GPU) | fsdp (weights, gradients and
+    # optimizer state sharded over the GPUs)
+    neftune_alpha: float  # NEFTune: uniform noise of scale alpha / sqrt(L * d) on the input embeddings in training
+    # steps (L: the row's tokens, d: the width); 0: off
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, {"parallel": (self.parallel in PARALLEL, f"must be one of {', '.join(PARALLEL)}"),
+                       "neftune_alpha": (self.neftune_alpha >= 0, "must be >= 0 (0: off)")})
+
+
 @dataclasses.dataclass
 class BaseConfig:
     seed: int  # weight-init seed of the bundled base model
@@ -421,5 +458,5 @@ class PublishConfig:
 
 
 SECTIONS = {"synth": SynthConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "base": BaseConfig,
-            "render": RenderConfig, "pack": PackConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+            "render": RenderConfig, "pack": PackConfig, "train": SftConfig, "evaluate": EvaluateConfig,
             "publish": PublishConfig}
