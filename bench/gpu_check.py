@@ -29,7 +29,7 @@ import torch._dynamo as dynamo
 
 import pipeline.model as model_module
 from pipeline.common import setup_compute
-from pipeline.config import PackConfig, TrainConfig, load_params
+from pipeline.config import PackConfig, SftConfig, load_params
 from pipeline.generate import generate
 from pipeline.model import Architecture, Transformer
 from pipeline.pack import pack
@@ -61,11 +61,11 @@ def packed_rows(n: int = 200, seed: int = 0) -> dict:
     return pack(ids, labels, PackConfig(block_size=BLOCK, overlong="drop", seed=0, weights={}))[0]
 
 
-def train_cfg(**fields) -> TrainConfig:
+def train_cfg(**fields) -> SftConfig:
     """The project's SFT settings (params.yaml) with the check's own."""
     import dataclasses
 
-    return dataclasses.replace(load_params("train", TrainConfig, str(ROOT / "params.yaml")), device=DEVICE, **fields)
+    return dataclasses.replace(load_params("train", SftConfig, str(ROOT / "params.yaml")), device=DEVICE, **fields)
 
 
 def graphs() -> int:

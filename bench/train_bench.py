@@ -91,7 +91,7 @@ def peak_memory(device: str) -> float:
 
 def run_ours(name: str) -> dict:
     from pipeline.common import setup_compute
-    from pipeline.config import PackConfig, TrainConfig, load_params
+    from pipeline.config import PackConfig, SftConfig, load_params
     from pipeline.model import Architecture, Transformer
     from pipeline.pack import pack
     from pipeline.train import accumulate_gradients, configure, make_optimizer, micro_batches
@@ -102,7 +102,7 @@ def run_ours(name: str) -> dict:
                      PackConfig(block_size=block, overlong="drop", seed=0, weights={}))
     compute = setup_compute(device, "auto")
     # the project's SFT settings (params.yaml), with the benchmark's batch, lr and device
-    cfg = dataclasses.replace(load_params("train", TrainConfig), batch_size=batch, grad_accum=1, lr=1e-4,
+    cfg = dataclasses.replace(load_params("train", SftConfig), batch_size=batch, grad_accum=1, lr=1e-4,
                               device=device)
     shape = {k: v for k, v in m.items() if k != "family"}
     model = Transformer(Architecture(**shape, head_dim=m["n_embd"] // m["n_head"], max_seq_len=block,

@@ -56,3 +56,50 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t)
     return t
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------------------------
+def shard(model: torch.nn.Module, compute: Compute, world: int) -> None:
+    """FSDP2 in place: every block, then the root (embedding, final norm, output layer), sharded over the ranks on
+    dim 0; a block's full weights exist only while it runs. On CUDA the all-gathered weights are bf16 and the
+    gradient reduce-scatter runs in fp32; the fp32 shards stay the master weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(compute.device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute.autocast_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def local(t):
+    """A DTensor's shard on this rank (a plain tensor as it is); nested dicts and lists converted throughout."""
+    if isinstance(t, dict):
+        return {k: local(v) for k, v in t.items()}
+    if isinstance(t, (list, tuple)):
+        return type(t)(local(v) for v in t)
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def sharded_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A shard `t` saved by local() as a tensor sharded like `param` (a DTensor), or `t` itself for a plain param
+    or a scalar (AdamW's step)."""
+    if not hasattr(param, "device_mesh") or t.dim() == 0:
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t.to(param.device), param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The whole tensors on rank 0's CPU (None on other ranks), DTensors all-gathered one at a time, so no rank ever
+    holds more than one whole tensor beyond its shards. Every rank must call it."""
+    out = {}
+    for name, t in tensors.items():
+        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if is_rank0():
+            out[name] = whole.detach().to("cpu", copy=True)
+        del whole
+    return out if is_rank0() else None

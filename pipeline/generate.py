@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import Transformer, causal, rope_cos_sin
+from pipeline.model import Transformer, causal, rope_cos_sin, weight_of
 
 
 @dataclasses.dataclass
@@ -46,10 +46,11 @@ class KVCache:
         self.cos, self.sin = (t[0, 0] for t in rope_cos_sin(slots, model.rope_freq, param.dtype))
         self.sliding_window, self.length = arch.sliding_window, 0
         with torch.no_grad():
-            self.qkv = [torch.cat([b.attn.q.weight, b.attn.k.weight, b.attn.v.weight]) for b in model.blocks]
+            self.qkv = [torch.cat([weight_of(b.attn.q), weight_of(b.attn.k), weight_of(b.attn.v)])
+                        for b in model.blocks]
             self.qkv_bias = [torch.cat([b.attn.q.bias, b.attn.k.bias, b.attn.v.bias]) if arch.qkv_bias else None
                              for b in model.blocks]
-            self.gate_up = [torch.cat([b.mlp.gate.weight, b.mlp.up.weight]) for b in model.blocks]
+            self.gate_up = [torch.cat([weight_of(b.mlp.gate), weight_of(b.mlp.up)]) for b in model.blocks]
             self.gate_up_bias = [torch.cat([b.mlp.gate.bias, b.mlp.up.bias]) if arch.mlp_bias else None
                                  for b in model.blocks]
 

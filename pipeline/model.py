@@ -169,6 +169,21 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def weight_of(linear: nn.Linear) -> torch.Tensor:
+    """A projection's weight as its forward applies it: with a LoRA adapter (pipeline/lora.py), W plus the update."""
+    delta = getattr(linear, "delta", None)
+    return linear.weight if delta is None else linear.weight + delta().to(linear.weight.dtype)
+
+
+def neftune(x: torch.Tensor, doc: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """NEFTune: embeddings (B, T, d) plus uniform noise in [-1, 1] scaled by alpha / sqrt(L d), L each row's length
+    in tokens (padding, doc -1, not counted; a row with no doc index counts all T)."""
+    B, T, d = x.shape
+    L = (doc >= 0).sum(1) if doc is not None else torch.full((B,), T, device=x.device)
+    scale = alpha / torch.sqrt(L.clamp(min=1).to(torch.float32) * d)
+    return x + torch.empty_like(x).uniform_(-1, 1) * scale.to(x.dtype)[:, None, None]
+
+
 class MLP(nn.Module):
     def __init__(self, arch: Architecture):
         super().__init__()
@@ -298,6 +313,7 @@ class Transformer(nn.Module):
         self.use_flex = False  # FlexAttention block mask instead of a dense boolean mask (CUDA)
         self.loss_chunk = 0  # output-layer rows per loss chunk; 0: one piece
         self.checkpointing = False  # recompute each block in backward (activation checkpointing)
+        self.neftune_alpha = 0.0  # NEFTune noise on the embeddings in training forward passes; 0: off
         self.compiled_blocks: list = []  # compile_blocks(): the blocks under torch.compile (a list: no submodules)
 
     def init_weights(self, seed: int) -> None:
@@ -319,8 +335,10 @@ class Transformer(nn.Module):
         change at every step, never recompiles them nor spends the recompile limit the training graphs need."""
         self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
 
-    def hidden(self, ids, pos, mask, cache=None):
+    def hidden(self, ids, pos, mask, cache=None, doc=None):
         x = self.embed(ids)
+        if self.neftune_alpha and self.training and cache is None and torch.is_grad_enabled():
+            x = neftune(x, doc, self.neftune_alpha)  # training steps only: never evaluation nor generation
         if cache is None:
             cos, sin = rope_cos_sin(pos, self.rope_freq, x.dtype)
         else:  # generation: rows of the table the cache computed once (the same elementwise formula)
@@ -344,7 +362,7 @@ class Transformer(nn.Module):
         if doc is None and window:
             doc = torch.zeros_like(ids)  # one conversation per row, but the window needs an explicit mask
         mask = None if doc is None else attention_mask(doc, self.use_flex, window)
-        h = self.hidden(ids, pos, mask)
+        h = self.hidden(ids, pos, mask, doc=doc)
         if labels is None and at is None:
             return self.lm_head(h).float()
         if at is None:

@@ -1,31 +1,71 @@
-"""The train stage's work (SFT): the base model folder fine-tuned on packed conversations, with a dev loss and a
-small generation check on dev prompts at every evaluation, saved as a model folder."""
+"""The train stage's work (SFT): the base model folder fine-tuned on packed conversations (in full, or LoRA
+adapters), with a dev loss and a small generation check on dev prompts at every evaluation, saved as a model folder
+(LoRA: the adapters merged) and, with LoRA, the adapter alone in PEFT's layout. A memory plan from config.json comes
+first: a run that cannot fit the GPU stops before the model is loaded."""
+import os
+from pathlib import Path
+
 import torch
 
 from pipeline.common import print0, setup_compute
-from pipeline.config import DuringTrainConfig, TrainConfig
+from pipeline.config import DuringTrainConfig, SftConfig
 from pipeline.evaluate import make_train_evaluator
-from pipeline.hf import load_model, save_model, save_options
+from pipeline.hf import architecture, load_model, read_config, save_model, save_options
+from pipeline.lora import add_adapters, merge_into, save_adapter
+from pipeline.memory import check_fit, device_free_bytes, plan_memory
 from pipeline.pack import load_packed
 from pipeline.tokenizer import load_tokenizer
-from pipeline.train import clear_checkpoint, train
+from pipeline.train import clear_checkpoint, train, trained_weights
+
+NO_ADAPTER = """# No adapter
+
+This run fine-tuned every weight (`train.lora.rank: 0`); its model is `models/sft`. With `train.lora.rank` > 0
+this folder holds the LoRA adapter in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`).
+"""
 
 
-def finetune(cfg: TrainConfig, during: DuringTrainConfig, base: str, packed: str, out: str | None, live_dir: str,
-             ckpt_dir: str | None = None) -> dict:
+def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, out: str | None, live_dir: str,
+             ckpt_dir: str | None = None, adapter_out: str | None = None) -> dict:
     """SFT of the model in `base` on `packed`/{train,dev}, saved in `out` (None: a rank other than 0, which saves
-    nothing). A rerun after a crash resumes from ckpt_dir. Returns the training summary."""
+    nothing), the LoRA adapter in `adapter_out`. A rerun after a crash resumes from ckpt_dir. Returns the training
+    summary."""
     tok = load_tokenizer(base)
-    model = load_model(base)
     compute = setup_compute(cfg.device, cfg.dtype)
+    train_rows, dev = load_packed(f"{packed}/train"), load_packed(f"{packed}/dev")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
+        else compute.device
+    arch = architecture(read_config(base), f"{base}/config.json")
+    plan = plan_memory(arch, cfg, train_rows["ids"].shape[1], world, device.type, compute.autocast_dtype is not None)
+    free = device_free_bytes(device)
+    print0(f"sft: {plan.line(free)}")
+    check_fit(plan, free, cfg, world, arch)  # before anything heavy: one line naming what would fit
+    model = load_model(base)
+    if cfg.lora.rank:
+        add_adapters(model, cfg.lora, cfg.seed)
     torch.manual_seed(cfg.seed)
-    dev = load_packed(f"{packed}/dev")
     # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
     evaluator = make_train_evaluator(tok, dev, during, compute, live_dir if out is not None else None)
-    summary = train(cfg, model, compute, load_packed(f"{packed}/train"), dev, live_dir, "sft", evaluator,
-                    ckpt_dir=ckpt_dir)
+    summary = train(cfg, model, compute, train_rows, dev, live_dir, "sft", evaluator, ckpt_dir=ckpt_dir, plan=plan)
     print0(f"sft: {summary}")
-    if out is not None:
-        save_model(model.cpu(), tok, out, like=base, **save_options(cfg))  # the base's config, dtype, shards
-        clear_checkpoint(ckpt_dir, cfg)
+    sharded = cfg.parallel == "fsdp" and world > 1
+    weights = trained_weights(model) if cfg.lora.rank or sharded else None  # FSDP: gathered to rank 0
+    if out is None:
+        return summary
+    if cfg.lora.rank:
+        adapters = {n: t for n, t in weights.items() if ".lora_" in n}
+        trained = merge_into(load_model(base), adapters, cfg.lora)  # onto the base as it is on disk, in fp32
+    elif sharded:
+        trained = load_model(base)
+        trained.load_state_dict(weights)
+    else:
+        trained = model.cpu()
+    save_model(trained, tok, out, like=base, **save_options(cfg))  # the base's config, dtype, shards
+    if adapter_out is not None:
+        if cfg.lora.rank:
+            save_adapter(adapters, cfg.lora, adapter_out, base)
+        else:
+            Path(adapter_out).mkdir(parents=True, exist_ok=True)
+            (Path(adapter_out) / "README.md").write_text(NO_ADAPTER)
+    clear_checkpoint(ckpt_dir, cfg)
     return summary

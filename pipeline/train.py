@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from pipeline.common import Compute, UserError, atomic_file, is_rank0, print0
 from pipeline.config import TrainConfig
-from pipeline.distributed import all_reduce_sum, init_distributed
+from pipeline.distributed import all_reduce_sum, gather_full, init_distributed, local, shard, sharded_like
+from pipeline.memory import MemoryPlan, device_free_bytes, plan_memory
 from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
 from pipeline.pack import ARRAYS
 from pipeline.remote import Uploader, finish, open_store
@@ -43,13 +44,6 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
     progress = (step - warmup) / max(1, n_steps - warmup)
     f = cfg.min_lr_frac
     return cfg.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def memory_line(n_params: int) -> str:
-    """What full training costs per parameter: fp32 master weights (4 bytes), fp32 gradients (4), AdamW's two
-    moments (8): 16 bytes a parameter before activations, whatever the autocast precision."""
-    gib = lambda n: f"{n * n_params / 2**30:,.2f} GiB"  # noqa: E731
-    return f"weights {gib(4)} + gradients {gib(4)} + AdamW state {gib(8)} = {gib(16)}"
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -140,7 +134,7 @@ def evaluate_loss(model: Transformer, arrays: dict, batch_size: int, compute: Co
 def accumulate_gradients(model, micro: list[Batch], compute: Compute, world: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward over this rank's micro-batches of one optimizer step. Each summed cross-entropy is divided by
-    the step's trained-target count over all micro-batches and all ranks (times world, since DDP averages
+    the step's trained-target count over all micro-batches and all ranks (times world, since DDP and FSDP average
     gradients over ranks), so every token weighs the same however the step is split. Under DDP the gradient
     all-reduce runs once, on the last micro-batch. Returns the global (loss sum, target count) as device tensors:
     nothing here waits for the device, the caller reads them once per step."""
@@ -149,7 +143,8 @@ def accumulate_gradients(model, micro: list[Batch], compute: Compute, world: int
     scale = (world / n_targets.clamp(min=1)).float()  # clamp: a fully masked step gives zero, not NaN
     loss_sum = torch.zeros((), dtype=torch.float64, device=compute.device)
     for i, batch in enumerate(micro):
-        sync = world == 1 or i == len(micro) - 1
+        # DDP all-reduces once, on the last micro-batch; FSDP reduce-scatters every one (no unsharded gradients kept)
+        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             with compute.autocast():
                 part, _ = model(*batch.inputs())
@@ -180,8 +175,10 @@ def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
         if run is not None:
             run.log(metrics, step=step)
 
-    def close() -> None:
+    def close(final: dict | None = None) -> None:
+        """End the run; `final` (name -> number) goes into metrics.json only, with no plot."""
         if live is not None:
+            live.summary.update(final or {})
             live.end()
         if run is not None:
             run.finish()
@@ -190,17 +187,20 @@ def make_logger(live_dir: str | None, cfg: TrainConfig, config: dict):
 
 
 # ---- speed ----------------------------------------------------------------------------------------------------
-def configure(model: Transformer, cfg: TrainConfig, compute: Compute) -> None:
+def configure(model: Transformer, cfg: TrainConfig, compute: Compute, sharded: bool = False) -> None:
     """CUDA: FlexAttention block mask (compiled here, once), blocks compiled with fixed shapes for the forward
     passes of training (packed rows all have block_size tokens; generation keeps the plain blocks), TF32
     (setup_compute). Everywhere: chunked output-layer loss, optional activation checkpointing. The CPU keeps SDPA
     with a boolean mask (FlexAttention has no CPU backward) and eager mode."""
     model.loss_chunk = cfg.loss_chunk
     model.checkpointing = cfg.activation_checkpointing
+    model.neftune_alpha = getattr(cfg, "neftune_alpha", 0.0)  # SFT only (pretraining has no such param)
     model.use_flex = flex_available(compute.device)
     if model.use_flex:
         enable_flex()
-    if compute.device.type == "cuda" and cfg.compile:
+    if compute.device.type == "cuda" and cfg.compile and sharded:
+        print0("compile: not applied under parallel: fsdp (the sharded blocks run eager)")
+    elif compute.device.type == "cuda" and cfg.compile:
         model.compile_blocks()
 
 
@@ -274,28 +274,44 @@ def load_checkpoint(path: Path, expected: str, desc: str) -> dict | None:
 
 def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: dict, dev_data: dict | None,
           live_dir: str | None = None, desc: str = "train",
-          evaluator: Callable[[Transformer], dict[str, float]] | None = None, ckpt_dir: str | None = None) -> dict:
-    """Train `model` in place on packed rows; returns a summary. Data order and init are seeded.
-    evaluator(model) -> {name: float} runs on rank 0 at every dev evaluation; its values are logged with dev_loss.
-    ckpt_dir: where the resume checkpoint lives (rerunning after a crash continues from it)."""
+          evaluator: Callable[[Transformer], dict[str, float]] | None = None, ckpt_dir: str | None = None,
+          plan: MemoryPlan | None = None) -> dict:
+    """Train `model` in place on packed rows; returns a summary. Data order and init are seeded. Only parameters
+    that require grad train (LoRA: the adapters). With cfg.parallel fsdp on several ranks the model is left
+    sharded: trained_weights() gathers it. evaluator(model) -> {name: float} runs on rank 0 at every dev
+    evaluation (not under FSDP); its values are logged with dev_loss. ckpt_dir: where the resume checkpoint lives
+    (rerunning after a crash continues from it). plan: the memory plan, written to the metrics with the peak."""
     world, rank, compute = init_distributed(compute)
     device = compute.device
+    sharded = getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1
+    if sharded and cfg.remote_checkpoints:
+        raise UserError("train.remote_checkpoints with parallel: fsdp is not supported yet (the checkpoint is one "
+                        "file per rank); set remote_checkpoints: false or parallel: ddp")
+    if plan is None:
+        plan = plan_memory(model.arch, cfg, train_data["ids"].shape[1], world, device.type,
+                           compute.autocast_dtype is not None)
+        print0(f"{desc}: {plan.line(device_free_bytes(device))}")
     model.to(device)
+    n_params, n_trainable = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_rows = len(train_data["ids"])
     n_steps = total_steps(cfg, n_rows, world)
-    optimizer = make_optimizer(model, cfg, device)
     start, skipped, bad_in_row, summary = 0, 0, 0, {}
     ckpt = Path(ckpt_dir) / "resume.pt" if ckpt_dir and cfg.save_every > 0 else None
+    fp = fingerprint(cfg, model, train_data, world) if ckpt is not None else None
+    if device.type == "cuda" and compute.autocast_dtype is not None:
+        frozen_to(model, compute.autocast_dtype)  # LoRA: the frozen base in bf16, half the memory
+    if sharded:
+        shard(model, compute, world)
+    optimizer = make_optimizer(model, cfg, device)
     uploader = None
     if ckpt is not None:
-        fp = fingerprint(cfg, model, train_data, world)
         store = open_remote(ckpt, desc, fp) if cfg.remote_checkpoints and rank == 0 else None
         uploader = Uploader(store, cfg.remote_keep) if store is not None else None
         state = find_checkpoint(ckpt, fp, desc, store, cfg.remote_checkpoints, world, rank)
+        if state is not None and sharded:
+            state = load_shard(ckpt, state, rank, desc)
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
+            restore(model, optimizer, state)
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
         if world > 1:  # every rank must have found the same checkpoint (multi-node: put ckpt_dir on shared storage)
@@ -304,23 +320,27 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             if len(set(steps)) > 1:
                 raise UserError(f"ranks disagree on the resume step {steps}; put {ckpt.parent} on storage every "
                                 "machine shares, or delete it to start fresh")
-    configure(model, cfg, compute)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    configure(model, cfg, compute, sharded)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
+    trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(train_data, cfg, device, world, rank, skip=start * cfg.grad_accum)
     log, close = make_logger(live_dir, cfg, dataclasses.asdict(cfg) | {"n_steps": n_steps, "world": world,
-                                                                       "n_params": model.num_params()})
-    print0(f"{desc}: {model.num_params():,} parameters, {n_rows} rows, {n_steps} steps of "
-           f"{cfg.batch_size * cfg.grad_accum * world} rows on {world} x {device} "
+                                                                       "n_params": n_params,
+                                                                       "n_trainable": n_trainable})
+    print0(f"{desc}: {n_params:,} parameters ({n_trainable:,} trained), {n_rows} rows, {n_steps} steps of "
+           f"{cfg.batch_size * cfg.grad_accum * world} rows on {world} x {device}{' (FSDP)' if sharded else ''} "
            f"({compute.autocast_dtype or torch.float32})")
-    print0(f"{desc}: memory per process before activations: {memory_line(model.num_params())}")
+    if evaluator is not None and sharded:
+        print0(f"{desc}: no generation during training under parallel: fsdp (dev loss only); evaluate scores it")
+        evaluator = None
     tty = sys.stdout.isatty()
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not tty or rank != 0, dynamic_ncols=True)
     t_start = time.time()
     upcoming = [next(batches) for _ in range(cfg.grad_accum)] if start < n_steps else []
     for step in range(start, n_steps + 1):
         last_step = step == n_steps
-        if dev_data is not None and rank == 0 and (step % cfg.eval_every == 0 or last_step):
-            dev_loss = evaluate_loss(model, dev_data, cfg.batch_size, compute)
+        if dev_data is not None and (rank == 0 or sharded) and (step % cfg.eval_every == 0 or last_step):
+            dev_loss = evaluate_loss(model, dev_data, cfg.batch_size, compute)  # sharded: every rank takes part
             extra = evaluator(model) if evaluator is not None else {}
             log({"dev_loss": dev_loss} | extra, step)
             summary |= {"dev_loss": dev_loss} | extra
@@ -335,7 +355,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         lr = lr_at(step, cfg, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         # the next step's rows go to the device while it works on this one (nothing above waited for it)
         upcoming = [next(batches) for _ in range(cfg.grad_accum)] if step + 1 < n_steps else []
         # the step's one read of the device: the skip decision and the log line need these four numbers
@@ -354,12 +375,16 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                 raise RuntimeError(f"{desc}: {bad_in_row} non-finite steps in a row; stopping (the last resume "
                                    f"checkpoint, if any, is {ckpt} and holds weights from before them)")
         optimizer.zero_grad(set_to_none=True)
-        if ckpt is not None and rank == 0 and (step + 1) % cfg.save_every == 0 and step + 1 < n_steps:
-            save_checkpoint(ckpt, {"fingerprint": fp, "step": step + 1, "skipped": skipped, "bad_in_row": bad_in_row,
-                                   "summary": summary, "model": model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "rng": rng_state()})
-            if uploader is not None:
-                uploader.submit(ckpt, step + 1)  # in the background; the loop goes on
+        if ckpt is not None and (step + 1) % cfg.save_every == 0 and step + 1 < n_steps:
+            meta = {"fingerprint": fp, "step": step + 1, "skipped": skipped, "bad_in_row": bad_in_row,
+                    "summary": summary}
+            if sharded:
+                save_shards(ckpt, meta, model, optimizer, rank)
+            elif rank == 0:
+                save_checkpoint(ckpt, meta | {"model": trained_state(model), "optimizer": optimizer.state_dict(),
+                                              "rng": rng_state()})
+                if uploader is not None:
+                    uploader.submit(ckpt, step + 1)  # in the background; the loop goes on
         if bad_in_row:
             continue
         dt = time.time() - t0
@@ -375,9 +400,92 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     bar.close()
     if uploader is not None:
         uploader.close()
+    peak = peak_memory(device)
     summary |= {"steps": n_steps, "skipped_steps": skipped, "seconds": time.time() - t_start}
-    close()
-    return summary
+    memory = plan.metrics() | {"peak_memory_gib": peak / 2**30}
+    what = "allocated on the GPU" if device.type == "cuda" else "the process's resident set"
+    print0(f"{desc}: peak memory {peak / 2**30:,.2f} GiB ({what}); planned {plan.total() / 2**30:,.2f} GiB")
+    close(memory)
+    return summary | memory
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the peak: what torch allocated on the GPU, or on the CPU the process's peak resident set (all of
+    it: Python, data and libraries too)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def frozen_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters (a LoRA base) held in `dtype`; trained ones stay fp32, the master weights."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries of the trained parameters (all of them in full training, the adapters in LoRA; a
+    tied output layer listed under both names, as state_dict does). Under FSDP: DTensors."""
+    return {n: t.detach() for n, t in model.state_dict(keep_vars=True).items() if t.requires_grad}
+
+
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained parameters, whole, on rank 0's CPU (None elsewhere); every rank calls it (FSDP gathers)."""
+    return gather_full(trained_state(model))
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A checkpoint's trained weights, AdamW state and generators back in place (shards, under FSDP)."""
+    names = set(trained_state(model))
+    if set(state["model"]) != names:
+        raise UserError(f"resume checkpoint holds {len(state['model'])} tensors, this run trains {len(names)}; "
+                        "delete the checkpoint folder to start fresh")
+    params = dict(model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for name, t in state["model"].items():
+            local(params[name]).copy_(t)
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]
+    optim = state["optimizer"]
+    optim = optim | {"state": {i: {k: sharded_like(v, in_order[i]) for k, v in entry.items()}
+                               for i, entry in optim["state"].items()}}
+    optimizer.load_state_dict(optim)
+    set_rng_state(state["rng"])
+
+
+def shard_path(ckpt: Path, step: int, rank: int) -> Path:
+    return ckpt.with_name(f"{ckpt.stem}-step{step}-rank{rank}.pt")
+
+
+def save_shards(ckpt: Path, meta: dict, model, optimizer, rank: int) -> None:
+    """A sharded checkpoint: each rank writes its shards of the weights and AdamW state and its generators to a
+    file of its own, named by step; once all have, rank 0 writes `ckpt` (the step, the fingerprint), which makes
+    that step the one a rerun resumes from; then each rank deletes its older files. A kill at any point leaves a
+    whole checkpoint: the previous one, or this one."""
+    path = shard_path(ckpt, meta["step"], rank)
+    save_checkpoint(path, {"model": local(trained_state(model)), "optimizer": local(optimizer.state_dict()),
+                           "rng": rng_state(), "fingerprint": meta["fingerprint"]})
+    dist.barrier()
+    if rank == 0:
+        save_checkpoint(ckpt, meta | {"shards": dist.get_world_size()})
+    dist.barrier()
+    for old in ckpt.parent.glob(f"{ckpt.stem}-step*-rank{rank}.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def load_shard(ckpt: Path, state: dict, rank: int, desc: str) -> dict | None:
+    """This rank's part of the sharded checkpoint `state` (as load_checkpoint read it), merged into it; None (start
+    fresh) when the checkpoint was not sharded over this many ranks or the file is missing."""
+    path = shard_path(ckpt, state["step"], rank)
+    if state.get("shards") != dist.get_world_size() or not path.exists():
+        print0(f"{desc}: resume checkpoint {ckpt} has no shard for rank {rank} of {dist.get_world_size()}; "
+               "starting fresh")
+        return None
+    part = load_checkpoint(path, state["fingerprint"], desc)
+    return None if part is None else state | part
 
 
 def find_checkpoint(ckpt: Path, fp: str, desc: str, store, remote: bool, world: int, rank: int) -> dict | None:
@@ -414,7 +522,8 @@ def clear_checkpoint(ckpt_dir: str | None, cfg: TrainConfig) -> None:
     ones, but for the newest cfg.remote_keep."""
     if not ckpt_dir or not is_rank0():
         return
-    (Path(ckpt_dir) / "resume.pt").unlink(missing_ok=True)
+    for path in [Path(ckpt_dir) / "resume.pt", *Path(ckpt_dir).glob("resume-step*-rank*.pt")]:  # FSDP: shards too
+        path.unlink(missing_ok=True)
     note = Path(ckpt_dir) / "remote.json"
     if note.exists():
         run = json.loads(note.read_text())

@@ -13,7 +13,7 @@ from pipeline.config import (
     DuringTrainConfig,
     EvaluateConfig,
     PackConfig,
-    TrainConfig,
+    SftConfig,
     from_dict,
     load_params,
     read_params,
@@ -45,17 +45,17 @@ def test_every_dvc_yaml_params_entry_exists_and_every_section_is_used():
 
 def test_lr_is_the_top_level_knob_of_the_train_section(tmp_path):
     write_params(tmp_path, lr="3e-05")  # as `dvc exp run -S lr=3e-5` writes it back
-    cfg = load_params("train", TrainConfig, str(tmp_path / "params.yaml"))
+    cfg = load_params("train", SftConfig, str(tmp_path / "params.yaml"))
     assert cfg.lr == 3e-5 and isinstance(cfg.lr, float)
     assert load_params("base", BaseConfig, str(tmp_path / "params.yaml")).pretrain.lr == 3e-3  # its own lr
     write_params(tmp_path, train={"lr": 1e-4})
     with pytest.raises(UserError, match=r"train.lr: the train section takes it from the top-level `lr`"):
-        load_params("train", TrainConfig, str(tmp_path / "params.yaml"))
+        load_params("train", SftConfig, str(tmp_path / "params.yaml"))
     params = project_params()
     del params["lr"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(UserError, match="lr: missing at the top of params.yaml"):
-        load_params("train", TrainConfig, str(tmp_path / "params.yaml"))
+        load_params("train", SftConfig, str(tmp_path / "params.yaml"))
 
 
 def test_missing_unknown_and_bad_keys_are_reported_together(tmp_path):
@@ -65,7 +65,7 @@ def test_missing_unknown_and_bad_keys_are_reported_together(tmp_path):
     params["evaluate"]["during_train"] |= {"samples": 99}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(UserError) as e:
-        load_params("train", TrainConfig, str(tmp_path / "params.yaml"))
+        load_params("train", SftConfig, str(tmp_path / "params.yaml"))
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"{tmp_path / 'params.yaml'}: ")
     for part in ("train.lrr: unknown key", "train.epochs: missing", "train.grad_accum='two' must be a number (int)"):
@@ -75,7 +75,7 @@ def test_missing_unknown_and_bad_keys_are_reported_together(tmp_path):
     params["train"] |= {"grad_accum": 1, "epochs": 1.0, "min_lr_frac": 2.0}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(UserError, match=r"train.batch_size=0 must be >= 1; train.min_lr_frac=2.0 must be in \[0, 1\]"):
-        load_params("train", TrainConfig, str(tmp_path / "params.yaml"))
+        load_params("train", SftConfig, str(tmp_path / "params.yaml"))
     with pytest.raises(UserError, match=r"evaluate.during_train.samples=99 must be in \[0, prompts\]"):
         load_params("evaluate.during_train", DuringTrainConfig, str(tmp_path / "params.yaml"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {}}))
@@ -134,4 +134,4 @@ def test_dvc_lr_override_is_what_the_user_types(tmp_path):
     write_params(tmp_path)
     apply_overrides(str(tmp_path / "params.yaml"), ["lr=3e-5"])
     assert "lr: 3e-05" in (tmp_path / "params.yaml").read_text()
-    assert load_params("train", TrainConfig, str(tmp_path / "params.yaml")).lr == 3e-5
+    assert load_params("train", SftConfig, str(tmp_path / "params.yaml")).lr == 3e-5

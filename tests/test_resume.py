@@ -30,20 +30,26 @@ def packed(n=120, block=64, seed=0):
     return pack(ids, labels, config("pack", block_size=block))[0]
 
 
+def make_workdir(folder: Path, tok) -> Path:
+    """A folder with a base model folder and packed train/dev rows, for running stages.train (stage() writes
+    params.yaml)."""
+    save_model(tiny_model(tok.get_vocab_size()), tok, str(folder / "base"))
+    save_packed(packed(), str(folder / "packed/train"))
+    save_packed(packed(24, seed=1), str(folder / "packed/dev"))
+    return folder
+
+
 @pytest.fixture
 def workdir(tmp_path, tok):
-    """A folder with params.yaml, a base model folder and packed train/dev rows, for running stages.train."""
-    save_model(tiny_model(tok.get_vocab_size()), tok, str(tmp_path / "base"))
-    save_packed(packed(), str(tmp_path / "packed/train"))
-    save_packed(packed(24, seed=1), str(tmp_path / "packed/dev"))
-    return tmp_path
+    return make_workdir(tmp_path, tok)
 
 
 def stage(workdir: Path, name: str, train: dict, **popen):
     # evaluate.during_train: the train stage reads it (generation on dev prompts); off here, it has its own tests
     train = dict(train)
     write_params(workdir, lr=train.pop("lr"), train=train, evaluate={"during_train": {"prompts": 0, "samples": 0}})
-    cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{name}", f"reports/{name}", f"ckpt/{name}"]
+    cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{name}", f"reports/{name}", f"ckpt/{name}",
+           f"adapter/{name}"]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
@@ -154,7 +160,7 @@ class PoisonedAfter(torch.nn.Module):
     def __init__(self, n: int):
         super().__init__()
         self.inner, self.calls, self.n = tiny_model(300), 0, n
-        self.blocks = self.inner.blocks
+        self.blocks, self.arch = self.inner.blocks, self.inner.arch
 
     def forward(self, *args):
         self.calls += 1

@@ -88,10 +88,10 @@ def test_render_a_bad_row_is_one_line_with_file_and_line(tmp_path, tok):
 def test_pack_train_and_evaluate_name_their_missing_inputs(tmp_path):
     write_params(tmp_path)
     one_line(stage(tmp_path, "pack", "rendered", "packed", "pack.json", "lengths"), "pack", "missing input rendered")
-    one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt"), "train",
+    one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt", "adapter"), "train",
              "missing input base, packed")
     write_params(tmp_path, lr="fast")
-    one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt"), "train",
+    one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt", "adapter"), "train",
              "lr='fast' must be a number (float)")
     write_params(tmp_path)
     args = ("base", "sft", "heldout.jsonl", "mc.jsonl", "dev", "curves", "metrics.json", "predictions", "figures",
@@ -128,3 +128,27 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
 
     with pytest.raises(KeyError):  # not a UserError: the traceback stays
         run_stage("render", bug)
+
+
+def test_train_that_cannot_fit_the_device_stops_before_loading_the_model_naming_what_fits(tmp_path, tok):
+    from tests.test_resume import make_workdir
+
+    make_workdir(tmp_path, tok)
+    good = (tmp_path / "base/model.safetensors").read_bytes()
+    (tmp_path / "base/model.safetensors").write_bytes(b"not read")  # loading it would fail another way
+    during = {"during_train": {"prompts": 0, "samples": 0}}
+    write_params(tmp_path, train={"batch_size": 8, "max_steps": 2, "activation_checkpointing": False},
+                 evaluate=during)
+    args = ("base", "packed", "sft", "reports/train", "ckpt", "adapter")
+    small = {"SFT_DEVICE_MEMORY": "3.5MiB"}  # the plan of this tiny run is ~4.4 MiB, most of it activations
+    line = one_line(stage(tmp_path, "train", *args, env=small), "train", "training needs ~0.0043 GiB per rank but "
+                    "0.0034 GiB is free", "would fit, each alone (dvc exp run -S): ")
+    assert "train.activation_checkpointing=true" in line and "train.batch_size=4 with train.grad_accum=2" in line
+    assert not (tmp_path / "sft").exists()
+    (tmp_path / "base/model.safetensors").write_bytes(good)
+    write_params(tmp_path, train={"batch_size": 8, "max_steps": 2, "activation_checkpointing": True}, evaluate=during)
+    done = stage(tmp_path, "train", *args, env=small)  # the advice taken: it runs
+    assert done.returncode == 0, done.stderr
+    assert "memory plan per rank" in done.stdout and (tmp_path / "sft/model.safetensors").is_file()
+    metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())
+    assert metrics["plan_total_gib"] <= 3.5 / 1024 and metrics["peak_memory_gib"] > 0
