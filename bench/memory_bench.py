@@ -72,7 +72,9 @@ def run(folder: Path, name: str, size: str, device: str) -> dict:
     if train.get("nproc", 1) > 1:
         train["batch_size"] = rows // train["nproc"]  # the same rows per optimizer step
     params = read_params(str(ROOT / "params.yaml"))
+    lora = train.pop("lora", {})
     params["train"] |= train
+    params["train"]["lora"] |= lora
     params["evaluate"]["during_train"] |= {"prompts": 0, "samples": 0}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tag = name.replace(" ", "_")

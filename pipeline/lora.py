@@ -44,8 +44,10 @@ class LoraLinear(nn.Linear):
         return self.scale * self.lora_B @ self.lora_A
 
     def forward(self, x):
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scale * lora
+        rows = self.dropout(x).reshape(-1, self.in_features) @ self.lora_A.t()  # (N, r)
+        out = F.linear(x, self.weight, self.bias).reshape(-1, self.out_features)
+        # W x + scale (A x) B^T in one GEMM that adds into W x: no (N, out) temporaries for the scale and the sum
+        return torch.addmm(out, rows, self.lora_B.t(), alpha=self.scale).view(*x.shape[:-1], self.out_features)
 
 
 def targeted(model: Transformer, targets: list[str]) -> dict[str, nn.Linear]:

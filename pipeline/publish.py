@@ -88,6 +88,9 @@ def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, 
             f"{hf.get('tie_word_embeddings', False)}; weights in {hf.get('torch_dtype', 'float32')}.")
     fmt = layout(load_tokenizer(model_dir)).fmt
     end, header = f"`{fmt.end}`", f"`{fmt.header('assistant')}`".replace("\n", "\\n")
+    lora = params.get("train", {}).get("lora") or {}
+    how = (f"Fine-tuned with LoRA (rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}); "
+           "the adapters are merged into these weights." if lora.get("rank") else "Every weight was fine-tuned.")
     provenance = "\n".join(f"- `{path}`: sha256 `{digest}`" for path, digest in data.items())
     lock = lock_provenance()
     if lock:
@@ -100,7 +103,7 @@ tags: [sft, chat]
 
 A chat model fine-tuned with supervised fine-tuning (SFT) from a base model by this project's DVC pipeline.
 
-{arch}
+{arch} {how}
 
 ## Chat format
 Format `{fmt.name}`: each turn is {fmt.describe()} (roles: system, user, assistant, tool). A prompt for generation

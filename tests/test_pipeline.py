@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, merge
 from tests.hub_server import HubServer
@@ -108,12 +109,29 @@ def test_masking_policy_change_shows_in_metrics_diff(repo):
     assert "train.trained_fraction" in diff and "train.sources.train.trained_fraction" in diff
 
 
+def test_lora_experiment_as_the_user_types_it_writes_the_adapter_as_its_own_out(repo, tmp_path):
+    out = run("dvc exp run -S train.lora.rank=16", repo)
+    assert ran(out) == ["train", "evaluate", "publish"]
+    adapter = repo / "models/adapter"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    assert "Fine-tuned with LoRA (rank 16" in (repo / "publish/model/README.md").read_text()
+    metrics = json.loads((repo / "reports/train/metrics.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert metrics["plan_gradients_gib"] * 2**30 == 4 * sum(t.numel() for t in tensors.values())  # adapters only
+    store = tmp_path / "adapters"
+    run(f"dvc remote add adapters {store} && dvc push -r adapters models/adapter", repo)
+    pushed = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    weights = (repo / "models/sft/model.safetensors").stat().st_size
+    assert pushed < weights / 2, (pushed, weights)  # the adapter alone, not the model again
+
+
 def pull_into_fresh_clone(repo: Path, dest: Path, remote: str, env: dict | None = None) -> None:
     """Clone the git repo (no DVC cache, no outputs), `dvc pull` from the remote, and check every output is back
     byte for byte."""
     run(f"git clone -q {repo} {dest}", repo)
     run(f"dvc pull -r {remote}", dest, env)
-    for out in ("models/sft", "models/base", "data/packed", "publish/model"):
+    for out in ("models/sft", "models/adapter", "models/base", "data/packed", "publish/model"):
         files = sorted(p.relative_to(repo) for p in (repo / out).rglob("*") if p.is_file())
         assert files, out
         for f in files:

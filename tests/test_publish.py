@@ -105,6 +105,10 @@ def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch
     assert "**train**: `data/packed` abc.dir; `models/sft` def.dir\n" in card and "stages/train.py" not in card
     assert "timing" not in card  # the reports hold timings: two identical runs publish identical folders
     assert '"lr":0.0003' in card
+    assert "Every weight was fine-tuned." in card
+    lora = {"train": {"lora": {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}}
+    card = model_card(config("publish"), str(tmp_path / "model"), metrics, lora, {})
+    assert "Fine-tuned with LoRA (rank 16, alpha 32.0, on q_proj, v_proj); the adapters are merged" in card
 
 
 TOKEN = "hf_TestSecretToken0123456789abcdef"
