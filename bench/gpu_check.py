@@ -7,7 +7,8 @@ on packed rows in bf16 (loss and gradient); the blocks compiled as training comp
 second step and with activation checkpointing; generation under autocast and between training steps without
 recompiling the training graphs; fused AdamW lowering the loss; the 124M benchmark row (tokens/s, MFU nominal and
 executed, bench/train_bench.py); and with two GPUs, a torchrun DDP run with grad_accum 2 that leaves a checkpoint and
-a second run that resumes from it. Under five minutes on an H100/H200.
+a second run that resumes from it; LoRA with its frozen base in bf16; and with two GPUs, FSDP2 against one GPU.
+Under five minutes on an H100/H200.
 
 On a machine without CUDA it runs the subset that can run on the CPU (the dtype probe and FlexAttention forward,
 the blocks compiled on the CPU, the recompile counts) and says SKIP for the rest, so it cannot rot unnoticed
@@ -211,6 +212,62 @@ def ddp_resume() -> str:
     return f"3 steps, then resumed at step 2: last loss {first['loss']:.5f} and {resumed['loss']:.5f}"
 
 
+def lora_bf16_base() -> str:
+    """LoRA on CUDA: the frozen base held in bf16, the adapters fp32 and trained, the planned bytes of the weights
+    equal to the tensors', and the merged weights giving the adapted model's logits."""
+    from pipeline.config import LoraConfig
+    from pipeline.lora import adapters, add_adapters, merge_into
+    from pipeline.memory import plan_memory
+
+    model = small_model()
+    add_adapters(model, LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"]), seed=0)
+    cfg = train_cfg(lora=LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"]), max_steps=20,
+                    batch_size=4, save_every=0, eval_every=100, lr=1e-2)
+    summary = train(cfg, model, COMPUTE, packed_rows(), packed_rows(16, seed=1), None, "lora")
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}, (frozen, trained)
+    plan = plan_memory(model.arch, cfg, BLOCK, 1, "cuda", True)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.weights == held, (plan.weights, held)
+    base = small_model()
+    for p in base.parameters():  # the base as training held it: rounded to bf16
+        p.data = p.data.bfloat16().float()
+    merged = merge_into(base, {n: t.float() for n, t in adapters(model).items()}, cfg.lora).eval()
+    model.eval()
+    ids = torch.randint(0, 1024, (2, 64), device=DEVICE)
+    with torch.no_grad():
+        gap = (merged(ids) - model.float()(ids)).abs().max().item()
+    assert gap < 1e-3, gap
+    return (f"frozen bf16, adapters fp32; planned weights {plan.weights:,} B = held; dev loss "
+            f"{summary['dev_loss']:.3f}, peak {summary['peak_memory_gib'] * 1024:,.0f} MiB; merged vs adapted "
+            f"logits within {gap:.1e}")
+
+
+def fsdp_two_gpus() -> str:
+    """torchrun, 2 GPUs, parallel: fsdp (bf16 gather, fp32 reduce-scatter): 3 steps of 4 rows per rank against one
+    GPU with 8 rows, the same rows; the last losses agree within bf16 noise."""
+    folder = tempfile.mkdtemp(prefix="gpu_check_fsdp_")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "bench.gpu_check", "--fsdp-worker", folder]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    sharded = json.loads(next(line.split("FSDP ", 1)[1] for line in proc.stdout.splitlines()
+                              if line.startswith("FSDP ")))
+    one = train(train_cfg(batch_size=8, max_steps=3, save_every=0, eval_every=100), small_model().cpu(), COMPUTE,
+                packed_rows(), None, None, "one")
+    assert abs(sharded["loss"] - one["loss"]) <= 2e-2 * abs(one["loss"]), (sharded, one)
+    return f"last loss {sharded['loss']:.4f} on 2 x FSDP, {one['loss']:.4f} on one GPU"
+
+
+def fsdp_worker(folder: str) -> None:
+    cfg = train_cfg(batch_size=4, max_steps=3, save_every=0, eval_every=100, parallel="fsdp")
+    summary = train(cfg, small_model().cpu(), setup_compute("cuda", "auto"), packed_rows(), None, None, "fsdp")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("FSDP " + json.dumps({k: v for k, v in summary.items() if isinstance(v, float)}), flush=True)
+
+
 def ddp_worker(folder: str) -> None:
     """One torchrun rank of ddp_resume (train() leaves the checkpoint; the stage would delete it on success)."""
     cfg = train_cfg(batch_size=4, grad_accum=2, max_steps=3, save_every=2, eval_every=100)
@@ -228,6 +285,8 @@ CHECKS = [  # name, function, runs on the CPU too
     ("fused-adamw", fused_adamw, False),
     ("bench-124m", bench_124m, False),
     ("ddp-2gpu-resume", ddp_resume, False),
+    ("lora-bf16-base", lora_bf16_base, False),
+    ("fsdp-2gpu", fsdp_two_gpus, False),
 ]
 
 
@@ -235,9 +294,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="", help="comma-separated check names")
     ap.add_argument("--ddp-worker", metavar="FOLDER", help=argparse.SUPPRESS)
+    ap.add_argument("--fsdp-worker", metavar="FOLDER", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.ddp_worker:
-        ddp_worker(a.ddp_worker)
+    if a.ddp_worker or a.fsdp_worker:
+        (ddp_worker if a.ddp_worker else fsdp_worker)(a.ddp_worker or a.fsdp_worker)
         return 0
     model_module.enable_flex()
     if not CUDA:  # FlexAttention compiled on the CPU has no backward; the checks run it eagerly, forward only
@@ -250,7 +310,7 @@ def main() -> int:
     for name, fn, on_cpu in CHECKS:
         if a.only and name not in a.only.split(","):
             continue
-        if not (CUDA or on_cpu) or (name == "ddp-2gpu-resume" and gpus < 2):
+        if not (CUDA or on_cpu) or (name in ("ddp-2gpu-resume", "fsdp-2gpu") and gpus < 2):
             print(f"SKIP {name}: needs {'two GPUs' if CUDA else 'CUDA'}", flush=True)
             continue
         t0 = time.time()
