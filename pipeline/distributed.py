@@ -61,16 +61,19 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 # ---- FSDP2 -----------------------------------------------------------------------------------------------------
 def shard(model: torch.nn.Module, compute: Compute, world: int) -> None:
     """FSDP2 in place: every block, then the root (embedding, final norm, output layer), sharded over the ranks on
-    dim 0; a block's full weights exist only while it runs. On CUDA the all-gathered weights are bf16 and the
-    gradient reduce-scatter runs in fp32; the fp32 shards stay the master weights."""
+    dim 0 and moved to the device; a block's full weights exist only while it runs. Under bf16 autocast the blocks'
+    weights are gathered in bf16 (what autocast would cast them to) and their gradients reduce-scattered in fp32;
+    the root's stay fp32 and the blocks' inputs are not cast, so the residual stream is fp32 as under DDP. The fp32
+    shards are the master weights."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(compute.device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=compute.autocast_dtype, reduce_dtype=torch.float32)
+    blocks = MixedPrecisionPolicy(param_dtype=compute.autocast_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=blocks)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
 
 def local(t):

@@ -185,11 +185,13 @@ class Forward:
 
     def cast_copies(self, fsdp: bool) -> int:
         """Under bf16 autocast, a bf16 copy of each fp32 matrix a matmul uses: trainable ones stay in autocast's
-        cache for the whole forward, frozen ones are kept for backward. FSDP gathers in the compute dtype already
-        (MixedPrecisionPolicy), so nothing is cast."""
-        if self.compute == 4 or fsdp:
-            return 0
+        cache for the whole forward, frozen ones are kept for backward. FSDP gathers the blocks in the compute dtype
+        already (MixedPrecisionPolicy), so only the root's output layer, gathered in fp32, is cast."""
         arch = self.arch
+        if self.compute == 4:
+            return 0
+        if fsdp:
+            return 2 * arch.vocab_size * arch.n_embd
         n = 0
         if self.base == 4:
             n = sum(math.prod(s) for k, s in parameter_shapes(arch).items()
@@ -201,13 +203,13 @@ class Forward:
 
 
 def gathered_bytes(arch: Architecture, lora: LoraConfig | None, compute: int) -> int:
-    """FSDP's transient full weights, in the compute dtype: the root's (embedding, final norm, lm_head), kept
-    gathered through the step, and two blocks' (the one running and the one prefetched). Not in `weights`, which
-    stays the exact sharded parameters."""
+    """FSDP's transient full weights: the root's (embedding, final norm, lm_head) in fp32 (pipeline.distributed.shard
+    keeps the residual stream's ends in fp32), kept gathered through the step, and two blocks' in the compute dtype
+    (the one running and the one prefetched). Not in `weights`, which stays the exact sharded parameters."""
     shapes = parameter_shapes(arch) | (adapter_shapes(arch, lora) if lora is not None else {})
     root = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("blocks."))
     block = sum(math.prod(s) for k, s in shapes.items() if k.startswith("blocks.0."))
-    return (root + 2 * block) * compute
+    return root * 4 + 2 * block * compute
 
 
 def activation_bytes(fwd: Forward, loss_chunk: int, fsdp: bool) -> tuple[int, int]:
@@ -229,7 +231,7 @@ def plan_memory(arch: Architecture, cfg, block_size: int, world: int, device_typ
     lora = lora if lora is not None and lora.rank > 0 else None
     fsdp = getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1
     shards = world if fsdp else 1
-    half_base = lora is not None and device_type == "cuda" and bf16
+    half_base = lora is not None and device_type == "cuda" and bf16 and not fsdp  # FSDP: 4 / world bytes already
     held = held_tensors(arch, lora, half_base)
     trained = [local_elements(shape, shards) for shape, _, trains in held if trains]
     weights = sum(local_elements(shape, shards) * size for shape, size, _ in held)

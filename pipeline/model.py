@@ -172,7 +172,7 @@ class Attention(nn.Module):
 def weight_of(linear: nn.Linear) -> torch.Tensor:
     """A projection's weight as its forward applies it: with a LoRA adapter (pipeline/lora.py), W plus the update."""
     delta = getattr(linear, "delta", None)
-    return linear.weight if delta is None else linear.weight + delta().to(linear.weight.dtype)
+    return linear.weight if delta is None else (linear.weight.float() + delta()).to(linear.weight.dtype)
 
 
 def neftune(x: torch.Tensor, doc: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
     model = load_model(base)
     if cfg.lora.rank:
         add_adapters(model, cfg.lora, cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + int(os.environ.get("RANK", "0")))  # dropout and NEFTune: each rank its own draws
     # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
     evaluator = make_train_evaluator(tok, dev, during, compute, live_dir if out is not None else None)
     summary = train(cfg, model, compute, train_rows, dev, live_dir, "sft", evaluator, ckpt_dir=ckpt_dir, plan=plan)

@@ -47,10 +47,11 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """A fresh AdamW; weight decay on matrices only, never on norm gains. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """A fresh AdamW over the trained parameters; weight decay on matrices only, never on norm gains nor on LoRA's
+    adapters (decay would pull the update B A towards zero, towards the base). Fused kernel on CUDA."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and ".lora_" not in n]
+    no_decay = [p for n, p in params if p.dim() < 2 or ".lora_" in n]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=device.type == "cuda")
@@ -291,17 +292,20 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         plan = plan_memory(model.arch, cfg, train_data["ids"].shape[1], world, device.type,
                            compute.autocast_dtype is not None)
         print0(f"{desc}: {plan.line(device_free_bytes(device))}")
-    model.to(device)
     n_params, n_trainable = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_rows = len(train_data["ids"])
     n_steps = total_steps(cfg, n_rows, world)
     start, skipped, bad_in_row, summary = 0, 0, 0, {}
     ckpt = Path(ckpt_dir) / "resume.pt" if ckpt_dir and cfg.save_every > 0 else None
     fp = fingerprint(cfg, model, train_data, world) if ckpt is not None else None
-    if device.type == "cuda" and compute.autocast_dtype is not None:
-        frozen_to(model, compute.autocast_dtype)  # LoRA: the frozen base in bf16, half the memory
+    # on the host first, so that no GPU ever holds more than the plan says: the frozen LoRA base cast to bf16
+    # (not under FSDP, whose shards are 4 / world bytes a parameter already), then sharded or moved whole
+    if device.type == "cuda" and compute.autocast_dtype is not None and not sharded:
+        frozen_to(model, compute.autocast_dtype)
     if sharded:
-        shard(model, compute, world)
+        shard(model, compute, world)  # fully_shard moves each module's shard to the device
+    else:
+        model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     uploader = None
     if ckpt is not None:
@@ -311,7 +315,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         if state is not None and sharded:
             state = load_shard(ckpt, state, rank, desc)
         if state is not None:
-            restore(model, optimizer, state)
+            restore(model, optimizer, state, rank)
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
         if world > 1:  # every rank must have found the same checkpoint (multi-node: put ckpt_dir on shared storage)
@@ -380,9 +384,13 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                     "summary": summary}
             if sharded:
                 save_shards(ckpt, meta, model, optimizer, rank)
-            elif rank == 0:
-                save_checkpoint(ckpt, meta | {"model": trained_state(model), "optimizer": optimizer.state_dict(),
-                                              "rng": rng_state()})
+            else:
+                rngs = [rng_state()] * world  # every rank's generators: dropout and NEFTune draw on each rank
+                if world > 1:
+                    dist.all_gather_object(rngs, rngs[0])
+                if rank == 0:
+                    save_checkpoint(ckpt, meta | {"model": trained_state(model), "optimizer": optimizer.state_dict(),
+                                                  "rng": rngs[0], "rngs": rngs})
                 if uploader is not None:
                     uploader.submit(ckpt, step + 1)  # in the background; the loop goes on
         if bad_in_row:
@@ -437,8 +445,9 @@ def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return gather_full(trained_state(model))
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """A checkpoint's trained weights, AdamW state and generators back in place (shards, under FSDP)."""
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, rank: int = 0) -> None:
+    """A checkpoint's trained weights, AdamW state and this rank's generators back in place (shards, under
+    FSDP)."""
     names = set(trained_state(model))
     if set(state["model"]) != names:
         raise UserError(f"resume checkpoint holds {len(state['model'])} tensors, this run trains {len(names)}; "
@@ -452,7 +461,8 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dic
     optim = optim | {"state": {i: {k: sharded_like(v, in_order[i]) for k, v in entry.items()}
                                for i, entry in optim["state"].items()}}
     optimizer.load_state_dict(optim)
-    set_rng_state(state["rng"])
+    rngs = state.get("rngs")  # one per rank (older checkpoints: rank 0's only)
+    set_rng_state(rngs[rank] if rngs and rank < len(rngs) else state["rng"])
 
 
 def shard_path(ckpt: Path, step: int, rank: int) -> Path:

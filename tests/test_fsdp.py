@@ -1,15 +1,12 @@
 """FSDP2 on 2 gloo ranks (the train stage under torchrun, as users run it): the same trajectory as 1 process with
 twice the batch, within fp32 tolerance; a sharded checkpoint (one file per rank) resumes after SIGKILL to the same
 weights as an uninterrupted run; LoRA trains the same under 1 process, DDP and FSDP."""
-import signal
-import time
 
 import numpy as np
-import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from tests.test_resume import TRAIN, finish, make_workdir, stage
+from tests.test_resume import TRAIN, finish, kill_after_checkpoint, make_workdir, stage
 
 SHORT = TRAIN | {"max_steps": 3, "save_every": 0}
 
@@ -65,16 +62,8 @@ def test_lora_under_one_process_ddp_and_fsdp_gives_the_same_adapters(workdir):
 def test_a_sharded_checkpoint_resumes_after_sigkill_to_the_weights_of_an_uninterrupted_run(workdir):
     run = TRAIN | {"max_steps": 16, "save_every": 2, "nproc": 2, "batch_size": 4, "parallel": "fsdp"}
     finish(stage(workdir, "whole", run))
-    victim = stage(workdir, "killed", run)
+    kill_after_checkpoint(workdir, "killed", run)
     ckpt = workdir / "ckpt/killed/resume.pt"
-    while not ckpt.exists() and victim.poll() is None:
-        time.sleep(0.005)
-    # the machine goes away: the stage, torchrun and the ranks (torchrun starts them in sessions of their own)
-    tree = psutil.Process(victim.pid)
-    for proc in [tree, *tree.children(recursive=True)]:
-        proc.kill()
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     shards = sorted(p.name for p in ckpt.parent.glob("resume-step*-rank*.pt"))
     assert any(s.endswith("rank0.pt") for s in shards) and any(s.endswith("rank1.pt") for s in shards)
     assert not (workdir / "out/killed").exists()

@@ -55,6 +55,23 @@ def stage(workdir: Path, name: str, train: dict, **popen):
                             **popen)
 
 
+def kill_after_checkpoint(workdir: Path, name: str, train: dict) -> None:
+    """Start the run `name` and, once its first resume checkpoint exists, kill it with SIGKILL: the stage, and
+    under torchrun the launcher and every rank (torchrun starts them in sessions of their own), as when the machine
+    goes away."""
+    import psutil
+
+    victim = stage(workdir, name, train)
+    ckpt = workdir / f"ckpt/{name}/resume.pt"
+    while not ckpt.exists() and victim.poll() is None:
+        time.sleep(0.002)
+    tree = psutil.Process(victim.pid)
+    for proc in [tree, *tree.children(recursive=True)]:
+        proc.kill()
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def finish(proc) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
