@@ -309,21 +309,11 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     optimizer = make_optimizer(model, cfg, device)
     uploader = None
     if ckpt is not None:
-        store = open_remote(ckpt, desc, fp) if cfg.remote_checkpoints and rank == 0 else None
-        uploader = Uploader(store, cfg.remote_keep) if store is not None else None
-        state = find_checkpoint(ckpt, fp, desc, store, cfg.remote_checkpoints, world, rank)
-        if state is not None and sharded:
-            state = load_shard(ckpt, state, rank, desc)
+        state, uploader = open_checkpoints(ckpt, fp, cfg, desc, world, rank, sharded)
         if state is not None:
             restore(model, optimizer, state, rank)
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
-        if world > 1:  # every rank must have found the same checkpoint (multi-node: put ckpt_dir on shared storage)
-            steps = [None] * world
-            dist.all_gather_object(steps, start)
-            if len(set(steps)) > 1:
-                raise UserError(f"ranks disagree on the resume step {steps}; put {ckpt.parent} on storage every "
-                                "machine shares, or delete it to start fresh")
     configure(model, cfg, compute, sharded)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -380,19 +370,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                                    f"checkpoint, if any, is {ckpt} and holds weights from before them)")
         optimizer.zero_grad(set_to_none=True)
         if ckpt is not None and (step + 1) % cfg.save_every == 0 and step + 1 < n_steps:
-            meta = {"fingerprint": fp, "step": step + 1, "skipped": skipped, "bad_in_row": bad_in_row,
-                    "summary": summary}
-            if sharded:
-                save_shards(ckpt, meta, model, optimizer, rank)
-            else:
-                rngs = [rng_state()] * world  # every rank's generators: dropout and NEFTune draw on each rank
-                if world > 1:
-                    dist.all_gather_object(rngs, rngs[0])
-                if rank == 0:
-                    save_checkpoint(ckpt, meta | {"model": trained_state(model), "optimizer": optimizer.state_dict(),
-                                                  "rng": rngs[0], "rngs": rngs})
-                if uploader is not None:
-                    uploader.submit(ckpt, step + 1)  # in the background; the loop goes on
+            save_resume(ckpt, {"fingerprint": fp, "step": step + 1, "skipped": skipped, "bad_in_row": bad_in_row,
+                               "summary": summary}, model, optimizer, world, rank, sharded, uploader)
         if bad_in_row:
             continue
         dt = time.time() - t0
@@ -443,6 +422,40 @@ def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The trained parameters, whole, on rank 0's CPU (None elsewhere); every rank calls it (FSDP gathers)."""
     return gather_full(trained_state(model))
+
+
+def open_checkpoints(ckpt: Path, fp: str, cfg: TrainConfig, desc: str, world: int, rank: int, sharded: bool):
+    """(the resume state this rank continues from, or None to start fresh; the background uploader of remote
+    checkpoints, on rank 0 when they are on, else None). Every rank must find the same step."""
+    store = open_remote(ckpt, desc, fp) if cfg.remote_checkpoints and rank == 0 else None
+    uploader = Uploader(store, cfg.remote_keep) if store is not None else None
+    state = find_checkpoint(ckpt, fp, desc, store, cfg.remote_checkpoints, world, rank)
+    if state is not None and sharded:
+        state = load_shard(ckpt, state, rank, desc)
+    if world > 1:  # multi-node: ckpt_dir must be on storage every machine shares
+        steps = [None] * world
+        dist.all_gather_object(steps, state["step"] if state is not None else 0)
+        if len(set(steps)) > 1:
+            raise UserError(f"ranks disagree on the resume step {steps}; put {ckpt.parent} on storage every "
+                            "machine shares, or delete it to start fresh")
+    return state, uploader
+
+
+def save_resume(ckpt: Path, meta: dict, model, optimizer, world: int, rank: int, sharded: bool, uploader) -> None:
+    """The resume checkpoint of step meta["step"]: sharded (save_shards), or one file written by rank 0 holding
+    the trained weights, AdamW state and every rank's generators (dropout and NEFTune draw on each rank), uploaded
+    in the background when remote checkpoints are on. Every rank calls it."""
+    if sharded:
+        save_shards(ckpt, meta, model, optimizer, rank)
+        return
+    rngs = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if rank == 0:
+        save_checkpoint(ckpt, meta | {"model": trained_state(model), "optimizer": optimizer.state_dict(),
+                                      "rng": rngs[0], "rngs": rngs})
+    if uploader is not None:
+        uploader.submit(ckpt, meta["step"])  # in the background; the loop goes on
 
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, rank: int = 0) -> None:

@@ -178,7 +178,7 @@ def test_short_sft_run_through_the_real_stages(name, chatml_tok, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo)
-    assert "chat format chatml" in out and "memory per process before activations" in out
+    assert "chat format chatml" in out and "sft: memory plan per rank: weights" in out
     published = repo / "publish/model"
     config = json.loads((published / "config.json").read_text())
     original = json.loads((folder / "config.json").read_text())
