@@ -53,7 +53,7 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
     if out is None:
         return summary
     if cfg.lora.rank:
-        adapters = {n: t for n, t in weights.items() if ".lora_" in n}
+        adapters = weights  # what a LoRA run trains: its adapters, nothing else
         trained = merge_into(load_model(base), adapters, cfg.lora)  # onto the base as it is on disk, in fp32
     elif sharded:
         trained = load_model(base)
