@@ -80,10 +80,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 like the HF implementation, then scale in the input dtype
+        # normalise in fp32 like the HF implementation; the result keeps the input's dtype: under bf16 autocast an
+        # fp32 gain times a bf16 input would be fp32, which turned Qwen3's normed q and k (bf16 projections) back
+        # into fp32 next to a bf16 v. The fp32 residual stream (block norms) is unchanged: fp32 in, fp32 out.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return (self.weight * h.to(x.dtype)).to(x.dtype)
 
 
 def inv_freq(arch: Architecture, device=None) -> torch.Tensor:
