@@ -29,9 +29,17 @@ test: $(VENV)/.test-deps
 test-quick: $(VENV)/.test-deps
 	$(RUN) python -m pytest -q -m "not slow"
 
-# the CUDA path, one command (bench/gpu_check.py): every check on a GPU machine, the CPU subset elsewhere
-gpu-check: $(VENV)/.deps
-	$(RUN) python -m bench.gpu_check
+# the CUDA path, one command (bench/gpu_check.py): every check on a GPU machine, the CPU subset elsewhere. Given an
+# interpreter that already imports torch (a GPU machine's own: `make gpu-check PYTHON=python3`) it runs with it: no
+# venv, no pip, nothing fetched. Options: GPU_CHECK_ARGS="--budget 420 --json gpu_check.json"
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "gpu-check: $(PYTHON) imports torch: no venv, nothing installed"; \
+		PYTHONPATH=".$${PYTHONPATH:+:$$PYTHONPATH}" DVC_NO_ANALYTICS=1 $(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS); \
+	else \
+		$(MAKE) --no-print-directory $(VENV)/.deps && $(RUN) python -m bench.gpu_check $(GPU_CHECK_ARGS); \
+	fi
 
 # the peers the benchmarks in bench/ compare against (TRL, transformers); `make test` does not need them
 bench-deps: $(VENV)/.test-deps bench/requirements.txt

@@ -6,6 +6,7 @@ from pipeline.common import UserError, print0, setup_compute
 from pipeline.config import BaseConfig, ModelConfig, PackConfig
 from pipeline.corpus import read_corpus
 from pipeline.hf import copy_model, load_model, save_model, save_options
+from pipeline.memory import plan_and_check
 from pipeline.model import Architecture, Transformer
 from pipeline.pack import pack
 from pipeline.sources import IMPORT_DIR, resolve_model
@@ -50,9 +51,11 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
         if out is not None:
             copy_model(folder, tok, out)  # as it came: its config, dtype and shards
         return
-    model = Transformer(Architecture.from_params(model_cfg, tok.get_vocab_size()))
+    arch = Architecture.from_params(model_cfg, tok.get_vocab_size())
+    plan = plan_and_check(arch, cfg.pretrain, cfg.block_size, compute, "base")  # as the train stage: before the model
+    model = Transformer(arch)
     model.init_weights(cfg.seed)
-    train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir)
+    train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir, plan=plan)
     if out is not None:  # rank 0
         save_model(model.cpu(), tok, out, **save_options(cfg.pretrain))
         clear_checkpoint(ckpt_dir, cfg.pretrain)

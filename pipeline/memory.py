@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from pipeline.common import UserError
+from pipeline.common import Compute, UserError, print0
 from pipeline.config import LoraConfig
 from pipeline.lora import TARGETS
 from pipeline.model import Architecture
@@ -323,3 +323,16 @@ def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Archite
              f"FSDP over up to {FIT_WORLDS[-1]} processes"] if hasattr(cfg, "lora") else [
              "activation checkpointing", "a smaller batch"]
     raise UserError(f"{head}; none of {', '.join(tried)} fits alone: use a device with more memory")
+
+
+def plan_and_check(arch: Architecture, cfg, block_size: int, compute: Compute, desc: str) -> MemoryPlan:
+    """The plan of this process's share of the run (torchrun's WORLD_SIZE; this rank's GPU), printed, and checked
+    against the device's free memory before anything heavy is loaded: a run that cannot fit stops in one line."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
+        else compute.device
+    plan = plan_memory(arch, cfg, block_size, world, device.type, compute.autocast_dtype is not None)
+    free = device_free_bytes(device)
+    print0(f"{desc}: {plan.line(free)}")
+    check_fit(plan, free, cfg, world, arch)
+    return plan

@@ -12,7 +12,7 @@ from pipeline.config import DuringTrainConfig, SftConfig
 from pipeline.evaluate import make_train_evaluator
 from pipeline.hf import architecture, load_model, read_config, save_model, save_options
 from pipeline.lora import add_adapters, merge_into, save_adapter
-from pipeline.memory import check_fit, device_free_bytes, plan_memory
+from pipeline.memory import plan_and_check
 from pipeline.pack import load_packed
 from pipeline.tokenizer import load_tokenizer
 from pipeline.train import clear_checkpoint, train, trained_weights
@@ -33,13 +33,9 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
     compute = setup_compute(cfg.device, cfg.dtype)
     train_rows, dev = load_packed(f"{packed}/train"), load_packed(f"{packed}/dev")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
-        else compute.device
     arch = architecture(read_config(base), f"{base}/config.json")
-    plan = plan_memory(arch, cfg, train_rows["ids"].shape[1], world, device.type, compute.autocast_dtype is not None)
-    free = device_free_bytes(device)
-    print0(f"sft: {plan.line(free)}")
-    check_fit(plan, free, cfg, world, arch)  # before anything heavy: one line naming what would fit
+    # before anything heavy: a run that cannot fit stops in one line naming what would
+    plan = plan_and_check(arch, cfg, train_rows["ids"].shape[1], compute, "sft")
     model = load_model(base)
     if cfg.lora.rank:
         add_adapters(model, cfg.lora, cfg.seed)

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         evaluator = None
     tty = sys.stdout.isatty()
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not tty or rank != 0, dynamic_ncols=True)
-    t_start = time.time()
+    t_start, rates = time.time(), []  # rates: tokens/s of each step this run took
     upcoming = [next(batches) for _ in range(cfg.grad_accum)] if start < n_steps else []
     for step in range(start, n_steps + 1):
         last_step = step == n_steps
@@ -383,12 +383,15 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             eta = (time.time() - t_start) / (step + 1 - start) * (n_steps - step - 1)
             print0(f"{desc} step {step + 1}/{n_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                    f"tok/s {tok_s:,.0f} eta {eta:,.0f}s")
-        summary["loss"] = loss
+        summary |= {"loss": loss, "grad_norm": grad_norm}
+        rates.append(tok_s)
     bar.close()
     if uploader is not None:
         uploader.close()
     peak = peak_memory(device)
     summary |= {"steps": n_steps, "skipped_steps": skipped, "seconds": time.time() - t_start}
+    if len(rates) > 2:  # the first steps compile (CUDA) and warm up: the median of the others is the loop's speed
+        summary["tokens_per_s"] = float(np.median(rates[2:]))
     memory = plan.metrics() | {"peak_memory_gib": peak / 2**30}
     what = "allocated on the GPU" if device.type == "cuda" else "the process's resident set"
     print0(f"{desc}: peak memory {peak / 2**30:,.2f} GiB ({what}); planned {plan.total() / 2**30:,.2f} GiB")

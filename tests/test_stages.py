@@ -152,3 +152,20 @@ def test_train_that_cannot_fit_the_device_stops_before_loading_the_model_naming_
     assert "memory plan per rank" in done.stdout and (tmp_path / "sft/model.safetensors").is_file()
     metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())
     assert metrics["plan_total_gib"] <= 3.5 / 1024 and metrics["peak_memory_gib"] > 0
+
+
+def test_base_pretraining_that_cannot_fit_stops_before_building_the_model(tmp_path, tok):
+    """The base stage plans its pretraining as the train stage plans SFT: one line naming what would fit."""
+    from pipeline.tokenizer import save_tokenizer
+
+    save_tokenizer(tok, str(tmp_path / "tok"))
+    (tmp_path / "corpus.jsonl").write_text('{"text": "The river Osk flows through Velmora."}\n' * 40)
+    write_params(tmp_path, base={"block_size": 64, "pretrain": {"batch_size": 8, "max_steps": 2,
+                                                                "activation_checkpointing": False}},
+                 model={"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "intermediate_size": 64})
+    args = ("corpus.jsonl", "tok", "base", "reports/base", "ckpt")
+    # planned: ~4.5 MiB, ~3.3 MiB with activation checkpointing
+    line = one_line(stage(tmp_path, "base", *args, env={"SFT_DEVICE_MEMORY": "3.5MiB"}), "base",
+                    "training needs ~", "would fit, each alone (dvc exp run -S): ")
+    assert "base.pretrain.activation_checkpointing=true" in line, line
+    assert not (tmp_path / "base").exists() and not (tmp_path / "reports/base").exists()
