@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -79,8 +80,19 @@ def atomic_dir(out: str | Path):
 
 
 def write_json(path: str | Path, obj) -> None:
+    """Strict JSON, as DVC and every other reader expect: a non-finite float (no value to report) is written null."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(finite_or_null(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite_or_null(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def is_rank0() -> bool:

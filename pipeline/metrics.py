@@ -123,12 +123,15 @@ def bootstrap_ci(values, n_boot: int, seed: int) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict], keys, n_boot: int, seed: int, prefix: str = "") -> dict:
-    """{prefix}n and, per key, the mean with its bootstrap interval: key, key_lo, key_hi."""
+    """{prefix}n and, per key, the mean with its bootstrap interval: key, key_lo, key_hi. A non-finite value (an
+    answer loss that overflowed) is left out of its key's figures, and key_n says over how many they are."""
     out = {f"{prefix}n": len(rows)}
     for key in keys:
-        values = [r[key] for r in rows]
+        values = [r[key] for r in rows if math.isfinite(r[key])]
         out[key] = float(np.mean(values)) if values else math.nan
         out[f"{key}_lo"], out[f"{key}_hi"] = bootstrap_ci(values, n_boot, seed)
+        if len(values) < len(rows):
+            out[f"{key}_n"] = len(values)
     return out
 
 

@@ -161,7 +161,8 @@ def test_dev_prompts_recover_prompt_and_gold_from_packed_rows(tok):
     assert len(dev_prompts(arrays, tok, 2)) == 2
 
 
-def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
+def evaluation_inputs(tok, tmp_path) -> dict:
+    """Two tiny model folders, held-out and multiple-choice files, packed dev rows: evaluate_pair's inputs."""
     folders = {}
     for name, seed in (("base", 0), ("sft", 1)):
         folders[name] = str(tmp_path / name)
@@ -181,10 +182,17 @@ def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
     (curves / "dev_loss.tsv").write_text("step\tdev_loss\n0\t5.5\n2\t4.1\n")
     (curves / "lr.tsv").write_text("step\tlr\n0\t1e-4\n1\t2e-4\n2\t1e-4\n")
     (curves / "gen_stopped.tsv").write_text("step\tgen_stopped\n0\t0.0\n2\t0.5\n")
+    return {"models": folders, "heldout": str(heldout), "mc": str(mc), "dev": str(tmp_path / "dev"),
+            "curves": curves}
+
+
+def test_evaluate_pair_writes_metrics_predictions_and_report(tok, tmp_path):
+    inputs = evaluation_inputs(tok, tmp_path)
+    curves = inputs["curves"]
     cfg = config("evaluate", max_new_tokens=6, batch_size=3, n_boot=200, n_report=2)
     out = tmp_path / "out"
-    metrics = evaluate_pair(cfg, folders, str(heldout), str(mc), str(tmp_path / "dev"), str(out / "metrics.json"),
-                            str(out / "predictions"))
+    metrics = evaluate_pair(cfg, inputs["models"], inputs["heldout"], inputs["mc"], inputs["dev"],
+                            str(out / "metrics.json"), str(out / "predictions"))
     assert json.loads((out / "metrics.json").read_text()) == metrics
     for name in ("base", "sft"):
         m = metrics[name]
@@ -271,3 +279,33 @@ def test_chatml_letters_are_scored_as_the_model_writes_them(chatml_tok):
     by_hand = {x: float(logp[written_answer(question[:-1], x, tok)[1][0]]) for x in "ab"}
     assert json.loads(row["letter_logprobs"]) == pytest.approx(by_hand, abs=1e-4)
     assert row["choice"] == max(by_hand, key=by_hand.get)
+
+
+def test_a_non_finite_answer_loss_never_reaches_metrics_json(tok, tmp_path, monkeypatch):
+    """One held-out answer whose loss overflows (NaN): left out of the answer-loss figures, which say over how many
+    answers they are (answer_loss_n), and metrics.json stays strict JSON, as DVC reads it."""
+    import pipeline.evaluate as evaluate_module
+
+    real = evaluate_module.answer_losses
+
+    def overflowing(model, spans, compute):
+        losses = real(model, spans, compute)
+        return [float("nan") if i == 1 else x for i, x in enumerate(losses)]
+
+    monkeypatch.setattr(evaluate_module, "answer_losses", overflowing)
+    inputs = evaluation_inputs(tok, tmp_path)
+    cfg = config("evaluate", max_new_tokens=4, batch_size=4, n_boot=100, multiple_choice=False)
+    out = tmp_path / "out"
+    evaluate_pair(cfg, inputs["models"], inputs["heldout"], inputs["mc"], inputs["dev"], str(out / "metrics.json"),
+                  str(out / "predictions"))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.json")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    gen = pq.read_table(out / "predictions/generation.parquet").to_pylist()
+    for name in ("base", "sft"):
+        kept = [r["answer_loss"] for r in gen if r["model"] == name and r["example"] != 1]
+        assert metrics[name]["n"] == 4 and metrics[name]["answer_loss_n"] == 3
+        assert metrics[name]["answer_loss"] == pytest.approx(np.mean(kept))
+    assert metrics["sft_minus_base"]["answer_loss_n"] == 3 and "contains_answer_n" not in metrics["sft"]
