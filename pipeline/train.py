@@ -437,10 +437,15 @@ def open_checkpoints(ckpt: Path, fp: str, cfg: TrainConfig, desc: str, world: in
         state = load_shard(ckpt, state, rank, desc)
     if world > 1:  # multi-node: ckpt_dir must be on storage every machine shares
         steps = [None] * world
-        dist.all_gather_object(steps, state["step"] if state is not None else 0)
+        dist.all_gather_object(steps, state["step"] if state is not None else None)
+        if sharded and None in steps and set(steps) != {None}:  # a shard lost: no rank can resume from it
+            missing = [r for r, s in enumerate(steps) if s is None]
+            print0(f"{desc}: resume checkpoint {ckpt} lacks the shard of rank {', '.join(map(str, missing))} of "
+                   f"{world}; every rank starts fresh")
+            return None, uploader
         if len(set(steps)) > 1:
-            raise UserError(f"ranks disagree on the resume step {steps}; put {ckpt.parent} on storage every "
-                            "machine shares, or delete it to start fresh")
+            raise UserError(f"ranks disagree on the resume step {[s or 0 for s in steps]}; put {ckpt.parent} on "
+                            "storage every machine shares, or delete it to start fresh")
     return state, uploader
 
 
@@ -504,11 +509,14 @@ def save_shards(ckpt: Path, meta: dict, model, optimizer, rank: int) -> None:
 
 def load_shard(ckpt: Path, state: dict, rank: int, desc: str) -> dict | None:
     """This rank's part of the sharded checkpoint `state` (as load_checkpoint read it), merged into it; None (start
-    fresh) when the checkpoint was not sharded over this many ranks or the file is missing."""
+    fresh) when the checkpoint was not sharded over this many ranks, or this rank's file is missing (then
+    open_checkpoints has every rank start fresh, and says so once)."""
     path = shard_path(ckpt, state["step"], rank)
-    if state.get("shards") != dist.get_world_size() or not path.exists():
-        print0(f"{desc}: resume checkpoint {ckpt} has no shard for rank {rank} of {dist.get_world_size()}; "
-               "starting fresh")
+    if state.get("shards") != dist.get_world_size():
+        print0(f"{desc}: resume checkpoint {ckpt} was sharded over {state.get('shards')} ranks, not "
+               f"{dist.get_world_size()}; starting fresh")
+        return None
+    if not path.exists():
         return None
     part = load_checkpoint(path, state["fingerprint"], desc)
     return None if part is None else state | part

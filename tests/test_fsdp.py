@@ -1,6 +1,9 @@
 """FSDP2 on 2 gloo ranks (the train stage under torchrun, as users run it): the same trajectory as 1 process with
 twice the batch, within fp32 tolerance; a sharded checkpoint (one file per rank) resumes after SIGKILL to the same
-weights as an uninterrupted run; LoRA trains the same under 1 process, DDP and FSDP."""
+weights as an uninterrupted run, and one that lost a rank's shard is left by every rank at once (one line); LoRA
+trains the same under 1 process, DDP and FSDP."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -67,6 +70,12 @@ def test_a_sharded_checkpoint_resumes_after_sigkill_to_the_weights_of_an_uninter
     shards = sorted(p.name for p in ckpt.parent.glob("resume-step*-rank*.pt"))
     assert any(s.endswith("rank0.pt") for s in shards) and any(s.endswith("rank1.pt") for s in shards)
     assert not (workdir / "out/killed").exists()
+    shutil.copytree(ckpt.parent, workdir / "ckpt/lost")  # the same checkpoint, with rank 1's shard lost
+    for lost in (workdir / "ckpt/lost").glob("resume-step*-rank1.pt"):
+        lost.unlink()
+    log = finish(stage(workdir, "lost", run))  # one line, and every rank starts fresh (no rank resumes alone)
+    assert log.count("lacks the shard of rank 1 of 2; every rank starts fresh") == 1 and "resuming" not in log
+    assert_close(weights(workdir, "lost"), weights(workdir, "whole"), rtol=0, atol=0)
     log = finish(stage(workdir, "killed", run))
     assert "resuming from ckpt/killed/resume.pt at step" in log
     assert_close(weights(workdir, "killed"), weights(workdir, "whole"), rtol=0, atol=0)  # equal, bit for bit

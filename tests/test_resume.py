@@ -146,6 +146,51 @@ def test_resume_in_process_is_exact_and_stale_checkpoints_are_refused(tmp_path, 
         assert torch.equal(a, b)  # the refused checkpoint left no trace
 
 
+def test_resume_with_gradient_accumulation_skips_every_micro_batch_of_the_steps_done(tmp_path, capsys):
+    """grad_accum 3: a resumed run skips 3 micro-batches per step done (a dropped multiplier would replay rows the
+    run already trained on, silently); its weights equal the uninterrupted run's, bit for bit."""
+    data = packed()  # 120 rows: 10 steps of 12 rows per epoch, so a replay trains on other rows
+    cfg = config("train", max_steps=6, batch_size=4, grad_accum=3, save_every=2, lr=1e-3, device="cpu")
+    whole = tiny_model(300)
+    train(cfg, whole, CPU, data, None, ckpt_dir=str(tmp_path))  # leaves the step-4 checkpoint behind
+    resumed = tiny_model(300)
+    train(cfg, resumed, CPU, data, None, ckpt_dir=str(tmp_path))
+    assert "at step 4/6" in capsys.readouterr().out
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def rank_resumes(rank: int, world: int, port: int, folder: str) -> None:
+    """One of two gloo ranks training with a resume checkpoint: rank 1 looks in a folder of its own, as on a second
+    machine without shared storage; what each rank raised goes to a file."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = config("train", max_steps=4, batch_size=4, save_every=2, lr=1e-3, device="cpu")
+    own = Path(folder) / ("shared" if rank == 0 else "elsewhere")
+    try:
+        train(cfg, tiny_model(300), CPU, packed(), None, ckpt_dir=str(own))
+        said = "trained"
+    except Exception as e:  # noqa: BLE001
+        said = f"{type(e).__name__}: {e}"
+    (Path(folder) / f"rank{rank}.txt").write_text(said)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_find_different_resume_steps_stop_in_one_line(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_ddp import free_port
+
+    mp.spawn(rank_resumes, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)  # leaves the step-2 checkpoint
+    assert (tmp_path / "shared/resume.pt").exists() and not (tmp_path / "elsewhere/resume.pt").exists()
+    mp.spawn(rank_resumes, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):  # every rank stops with the same user error, none trains on alone
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert said.startswith("UserError: ranks disagree on the resume step [2, 0]; put ") and \
+            "on storage every machine shares" in said, said
+
+
 def test_checkpoints_of_another_process_count_or_cut_short_are_refused(tmp_path, capsys):
     from pipeline.train import fingerprint
 
