@@ -158,6 +158,27 @@ def test_other_params_checkpoint_is_refused_and_the_finished_run_keeps_remote_ke
     assert not theirs.exists()
 
 
+def test_remote_bytes_their_marker_does_not_vouch_for_are_never_taken(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose bytes changed on the remote after its marker was written (same size, another sha256) is
+    passed over with one line; the download takes the newest one whose bytes match."""
+    project = tmp_path / "project"
+    project.mkdir()
+    dvc_project(project, str(tmp_path / "store"))
+    monkeypatch.chdir(project)
+    store = open_store("sft", "abc")
+    good, newer = tmp_path / "good.pt", tmp_path / "newer.pt"
+    good.write_bytes(b"step four " * 100)
+    newer.write_bytes(b"step eight" * 100)
+    store.upload(good, 4, keep=5)
+    store.upload(newer, 8, keep=5)
+    store.fs.pipe_file(store.path(8, "pt"), b"step EIGHT" * 100)  # the same size, other bytes
+    capsys.readouterr()
+    assert store.download(tmp_path / "got.pt") == 4 and (tmp_path / "got.pt").read_bytes() == good.read_bytes()
+    said = capsys.readouterr().out
+    assert said.count("step-000000008.pt does not match its marker; skipping it") == 1, said
+    assert not list(tmp_path.glob(".got.pt*"))  # nothing half-downloaded left behind
+
+
 @pytest.mark.slow
 def test_an_unreachable_remote_warns_once_and_the_run_completes(tmp_path, monkeypatch, capsys):
     with __import__("socket").socket() as s:  # a port nothing listens on
