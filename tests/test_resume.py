@@ -44,10 +44,11 @@ def workdir(tmp_path, tok):
     return make_workdir(tmp_path, tok)
 
 
-def stage(workdir: Path, name: str, train: dict, **popen):
-    # evaluate.during_train: the train stage reads it (generation on dev prompts); off here, it has its own tests
+def stage(workdir: Path, name: str, train: dict, during: dict | None = None, **popen):
+    # evaluate.during_train: the train stage reads it (generation on dev prompts); off unless asked for
     train = dict(train)
-    write_params(workdir, lr=train.pop("lr"), train=train, evaluate={"during_train": {"prompts": 0, "samples": 0}})
+    write_params(workdir, lr=train.pop("lr"), train=train,
+                 evaluate={"during_train": during or {"prompts": 0, "samples": 0}})
     cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{name}", f"reports/{name}", f"ckpt/{name}",
            f"adapter/{name}"]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -100,11 +101,23 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bit_identical_weights(workd
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(workdir):
-    short = TRAIN | {"max_steps": 3, "save_every": 0}
-    finish(stage(workdir, "one", short))
-    log = finish(stage(workdir, "two", short | {"nproc": 2, "batch_size": 4}))
+def test_two_processes_under_torchrun_match_one_process_with_twice_the_batch(workdir, tok):
+    """With generation on dev prompts at every evaluation (rank 0 answers while rank 1 waits), as by default."""
+    from pipeline.template import render
+    from tests.conftest import CONVERSATIONS, labels_of
+
+    rendered = [render(c, tok) for c in CONVERSATIONS * 6]  # dev rows with answers to prompt for
+    save_packed(pack([np.array(ids, np.int32) for ids, _ in rendered],
+                     [np.array(labels_of(ids, m), np.int32) for ids, m in rendered], config("pack", block_size=64))[0],
+                str(workdir / "packed/dev"))
+    short = TRAIN | {"max_steps": 3, "save_every": 0, "eval_every": 2}
+    during = {"prompts": 3, "samples": 1, "max_new_tokens": 4}
+    finish(stage(workdir, "one", short, during))
+    log = finish(stage(workdir, "two", short | {"nproc": 2, "batch_size": 4}, during))
     assert "launching 2 processes" in log and "on 2 x cpu" in log
+    curves = [(workdir / f"reports/{n}/plots/metrics/gen_stopped.tsv").read_text() for n in ("one", "two")]
+    assert curves[0] == curves[1] and len(curves[0].splitlines()) == 1 + 3  # steps 0, 2, 3: the same answers
+    assert len((workdir / "reports/two/samples.jsonl").read_text().splitlines()) == 3  # one sample, 3 evaluations
     from safetensors.numpy import load_file
 
     one, two = load_file(workdir / "out/one/model.safetensors"), load_file(workdir / "out/two/model.safetensors")
