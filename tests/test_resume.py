@@ -56,13 +56,13 @@ def stage(workdir: Path, name: str, train: dict, during: dict | None = None, **p
                             **popen)
 
 
-def kill_after_checkpoint(workdir: Path, name: str, train: dict) -> None:
-    """Start the run `name` and, once its first resume checkpoint exists, kill it with SIGKILL: the stage, and
-    under torchrun the launcher and every rank (torchrun starts them in sessions of their own), as when the machine
-    goes away."""
+def kill_after_checkpoint(workdir: Path, name: str, train: dict, start=stage) -> None:
+    """Start the run `name` (start: stage, or base_stage) and, once its first resume checkpoint exists, kill it with
+    SIGKILL: the stage, and under torchrun the launcher and every rank (torchrun starts them in sessions of their
+    own), as when the machine goes away."""
     import psutil
 
-    victim = stage(workdir, name, train)
+    victim = start(workdir, name, train)
     ckpt = workdir / f"ckpt/{name}/resume.pt"
     while not ckpt.exists() and victim.poll() is None:
         time.sleep(0.002)
@@ -282,3 +282,46 @@ def test_rng_state_holds_this_process_cuda_generator_only_and_restores_on_fewer_
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     set_rng_state(state | {"cuda": eight[:2]})  # device 3, but the checkpoint held 2: nothing to restore
     assert len(calls) == 2
+
+
+BASE_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "intermediate_size": 64}
+
+
+def base_stage(workdir: Path, name: str, pretrain: dict, **popen):
+    """The base stage pretraining the bundled kind of model on the corpus in `workdir` (as `dvc repro` runs it)."""
+    write_params(workdir, base={"block_size": 32, "pretrain": pretrain}, model=BASE_MODEL)
+    cmd = [sys.executable, "-m", "stages.base", "corpus.jsonl", "tok", f"out/{name}", f"reports/{name}",
+           f"ckpt/{name}"]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+@pytest.mark.slow
+def test_base_pretraining_on_two_processes_killed_after_a_checkpoint_resumes_to_the_one_process_run(tmp_path, tok):
+    """The base stage under torchrun (base.pretrain.nproc 2), killed with SIGKILL after a checkpoint and rerun:
+    it resumes, and ends where one process with twice the batch ends (fp32 tolerance), step by step."""
+    import json
+
+    from pipeline.tokenizer import save_tokenizer
+    from tests.conftest import TEXTS
+
+    save_tokenizer(tok, str(tmp_path / "tok"))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    run = {"max_steps": 24, "batch_size": 8, "save_every": 4, "log_every": 1, "lr": 3.0e-3, "device": "cpu"}
+    finish(base_stage(tmp_path, "one", run))
+    two = run | {"nproc": 2, "batch_size": 4}
+    kill_after_checkpoint(tmp_path, "two", two, start=base_stage)
+    saved = torch.load(tmp_path / "ckpt/two/resume.pt", weights_only=True)["step"]
+    assert 4 <= saved < 24 and not (tmp_path / "out/two").exists()
+    log = finish(base_stage(tmp_path, "two", two))
+    assert "launching 2 processes" in log and f"resuming from ckpt/two/resume.pt at step {saved}/24" in log
+    from safetensors.numpy import load_file
+
+    one, resumed = (load_file(tmp_path / f"out/{n}/model.safetensors") for n in ("one", "two"))
+    for k in one:
+        np.testing.assert_allclose(resumed[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    norms = [np.loadtxt(tmp_path / f"reports/{n}/plots/metrics/grad_norm.tsv", skiprows=1) for n in ("one", "two")]
+    after = norms[0][norms[0][:, 0] >= saved]  # the resumed run logs the steps after its checkpoint
+    np.testing.assert_allclose(norms[1][-len(after):, 1], after[:, 1], rtol=1e-5)
+    assert not (tmp_path / "ckpt/two/resume.pt").exists()
