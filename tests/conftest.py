@@ -180,3 +180,22 @@ def write_rendered(path: str, input_ids, labels, source_row, source=None, row_gr
                       "source_row": pa.array(source_row, type=pa.int64())}, schema=schema)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=row_group_size)
+
+
+@pytest.fixture(scope="session")
+def finished_project(tmp_path_factory) -> Path:
+    """One `dvc repro` of the bundled default with tiny params (tests/project.py), shared by the end-to-end tests;
+    use `project` for a copy of your own."""
+    from tests.project import finish_project, new_project
+
+    repo = new_project(tmp_path_factory.mktemp("finished") / "repo")
+    (repo.parent / "repro.log").write_text(finish_project(repo))  # what the first `dvc repro` said, next to it
+    return repo
+
+
+@pytest.fixture
+def project(finished_project, tmp_path) -> Path:
+    """A copy of the finished project for this test alone."""
+    from tests.project import copy_project
+
+    return copy_project(finished_project, tmp_path / "repo")

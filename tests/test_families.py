@@ -156,27 +156,57 @@ def test_what_cannot_be_represented_is_refused_in_one_line(llama_folder):
     refused(llama_folder, "pytorch_model.bin would need unpickling, which is never done")
 
 
+def test_fine_tuned_and_exported_in_the_familys_own_config_dtype_and_shards(family, chatml_tok, tmp_path, capsys):
+    """The train stage's work (pipeline/sft.py, in process) on the family's Hub-style folder: planned, a few SFT
+    steps, exported in the family's config, bf16 and shards, and transformers gives our logits on the export (one
+    family also runs through `dvc repro` below: the stages' wiring does not depend on the family)."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.pack import pack, save_packed
+    from pipeline.sft import finetune
+    from pipeline.template import render
+    from tests.conftest import CONVERSATIONS, config, labels_of
+
+    name, hub = family
+    folder = tmp_path / "base"
+    shutil.copytree(hub, folder)
+    save_tokenizer(chatml_tok, str(folder))
+    rendered = [render(c, chatml_tok) for c in CONVERSATIONS * 4]
+    arrays, _ = pack([np.array(ids, np.int32) for ids, _ in rendered],
+                     [np.array(labels_of(ids, m), np.int32) for ids, m in rendered], config("pack", block_size=64))
+    for split in ("train", "dev"):
+        save_packed(arrays, str(tmp_path / "packed" / split))
+    cfg = config("train", max_steps=2, batch_size=2, lr=1e-3, max_shard_gb=4.0e-5, device="cpu")  # 40 KB shards
+    during = dataclasses.replace(config("evaluate").during_train, prompts=0, samples=0)
+    published = tmp_path / "sft"
+    finetune(cfg, during, str(folder), str(tmp_path / "packed"), str(published), str(tmp_path / "live"))
+    assert "sft: memory plan per rank: weights" in capsys.readouterr().out
+    config_json, original = (json.loads((p / "config.json").read_text()) for p in (published, folder))
+    assert config_json["model_type"] == original["model_type"] and config_json["architectures"] == original[
+        "architectures"]
+    assert config_json["torch_dtype"] == "bfloat16" and len(list(published.glob("model-*-of-*.safetensors"))) > 2
+    before, after = load_model(str(folder)), load_model(str(published))
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    ids = torch.randint(0, config_json["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(after.eval()(ids), theirs(published)(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_short_sft_run_through_the_real_stages(name, chatml_tok, tmp_path):
-    """dvc repro with base.init_from = the family's Hub-style folder: a few SFT steps on the CPU; the published
-    folder keeps the family's config, bf16 and shards, and transformers gives our logits on it."""
-    import yaml
+def test_short_sft_run_through_the_real_stages(chatml_tok, tmp_path):
+    """dvc repro with base.init_from = a Qwen3 Hub-style folder (q/k norms, its own head size): the tokenizer stage
+    takes the folder's tokenizer and chat format, a few SFT steps on the CPU, and the published folder keeps the
+    family's config, bf16 and shards, and transformers gives our logits on it."""
+    from tests.project import new_project, run
 
-    from tests.conftest import ROOT, merge
-    from tests.test_pipeline import TINY, run
-
+    name = "qwen3"
     folder = hub_folder(tmp_path / "hub", name, chatml_tok.get_vocab_size(), tok=chatml_tok)
-    repo = tmp_path / "repo"
-    for part in ("pipeline", "stages"):
-        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), {
+    repo = new_project(tmp_path / "repo", {
         "base": {"init_from": str(folder), "corpus_eval_rows": 4}, "pack": {"block_size": 128}, "lr": 1.0e-3,
         "train": {"max_steps": 2, "batch_size": 2, "max_shard_gb": 4.0e-5},  # 40 KB shards
         "evaluate": {"limit": 3, "max_new_tokens": 4, "during_train": {"prompts": 2, "samples": 1}}})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo)
     assert "chat format chatml" in out and "sft: memory plan per rank: weights" in out
     published = repo / "publish/model"

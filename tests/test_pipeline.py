@@ -14,56 +14,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, merge
 from tests.hub_server import HubServer
+from tests.project import STAGES, TINY, ran, run  # noqa: F401  (TINY: for older imports)
 
 pytestmark = pytest.mark.slow  # real DVC runs of every stage: `make test-quick` leaves them out
 
-STAGES = ["synth", "tokenizer", "base", "render", "pack", "train", "evaluate", "publish"]
 
-TINY = {
-    "synth": {"n_towns": 6, "n_people": 12, "docs_per_entity": 2, "n_arith_docs": 10, "n_train": 80, "n_dev": 16,
-              "n_heldout": 12, "n_mc": 8, "n_mc_train": 0},
-    "tokenizer": {"vocab_size": 300},
-    "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "intermediate_size": 64},
-    "base": {"block_size": 64, "pretrain": {"max_steps": 3, "batch_size": 4}},
-    "pack": {"block_size": 128},
-    "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2},
-    "evaluate": {"limit": 8, "max_new_tokens": 6, "n_boot": 200, "during_train": {"prompts": 4, "max_new_tokens": 4}},
-    "publish": {"gate_min": 0.0},  # 3 training steps do not teach stopping; the gate is tested in test_publish
-}
-
-
-def run(cmd: str, cwd: Path, extra_env: dict | None = None, ok: bool = True) -> str:
-    """Run a shell command with this venv first on PATH; it must succeed (ok=True) or fail (ok=False)."""
-    env = os.environ | (extra_env or {}) | {
-                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-                        "WANDB_MODE": "disabled", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    assert (proc.returncode == 0) == ok, f"{cmd} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def ran(output: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("e2e")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    merge(params, TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
-    return repo
-
-
-def test_repro_makes_outputs_and_metrics(repo):
-    out = run("dvc repro", repo)
+def test_repro_makes_outputs_and_metrics(finished_project, project):
+    """The shared finished project (tests/project.py): its first `dvc repro` ran every stage."""
+    repo = project
+    out = (finished_project.parent / "repro.log").read_text()
     assert ran(out) == STAGES
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for name in ("base", "sft"):
@@ -81,16 +41,16 @@ def test_repro_makes_outputs_and_metrics(repo):
     assert "reports/pack_lengths/train.csv" in run("dvc plots show --json", repo)
 
 
-def test_second_repro_runs_nothing(repo):
-    out = run("dvc repro", repo)
+def test_second_repro_runs_nothing(project):
+    out = run("dvc repro", project)
     assert ran(out) == [] and "up to date" in out
 
 
-def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(repo):
+def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(project):
     """`dvc exp run -S lr=3e-5`, exactly as users type it: DVC writes 3e-05 back to params.yaml, only train,
     evaluate and publish rerun, the optimizer's schedule peaks at the new value, and `dvc metrics diff` shows the
     fine-tuned model's metrics changing while the base model's do not."""
-    run("git add -A && git commit -qm 'first run'", repo)
+    repo = project
     out = run("dvc exp run -S lr=3e-5", repo)
     assert ran(out) == ["train", "evaluate", "publish"]
     assert "lr: 3e-05" in (repo / "params.yaml").read_text().splitlines()
@@ -102,14 +62,16 @@ def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(repo):
     assert not [k for k in diff if k.startswith("base.")], "the base model did not change, nor may its metrics"
 
 
-def test_masking_policy_change_shows_in_metrics_diff(repo):
+def test_masking_policy_change_shows_in_metrics_diff(project):
+    repo = project
     out = run("dvc exp run -S render.train_on=last_assistant", repo)
     assert ran(out)[:2] == ["render", "pack"] and "base" not in ran(out)
     diff = run("dvc metrics diff --targets reports/render.json", repo)  # changed metrics only
     assert "train.trained_fraction" in diff and "train.sources.train.trained_fraction" in diff
 
 
-def test_lora_experiment_as_the_user_types_it_writes_the_adapter_as_its_own_out(repo, tmp_path):
+def test_lora_experiment_as_the_user_types_it_writes_the_adapter_as_its_own_out(project, tmp_path):
+    repo = project
     out = run("dvc exp run -S train.lora.rank=16", repo)
     assert ran(out) == ["train", "evaluate", "publish"]
     adapter = repo / "models/adapter"
@@ -139,7 +101,8 @@ def pull_into_fresh_clone(repo: Path, dest: Path, remote: str, env: dict | None 
     assert "up to date" in run("dvc status", dest, env)
 
 
-def test_push_and_pull_with_a_local_remote(repo, tmp_path):
+def test_push_and_pull_with_a_local_remote(project, tmp_path):
+    repo = project
     store = tmp_path / "store"
     run(f"dvc remote add -d local {store} && git add -A && git commit -qm remote && dvc push", repo)
     assert sum(1 for p in store.rglob("*") if p.is_file()) > 10
@@ -173,7 +136,8 @@ def s3_server(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_push_and_pull_with_an_s3_remote(repo, tmp_path, s3_server):
+def test_push_and_pull_with_an_s3_remote(project, tmp_path, s3_server):
+    repo = project
     url, env = s3_server
     run(f"dvc remote add s3 s3://models/sft && dvc remote modify s3 endpointurl {url} && git add -A && "
         "git commit -qm 's3 remote'", repo)
@@ -194,8 +158,9 @@ def base_stage_ran_on(repo: Path, source: Path) -> None:
     assert "corpus_loss" in json.loads((repo / "reports/base/metrics.json").read_text())
 
 
-def test_bring_your_own_base_model_folder_or_hub_repo(repo, tmp_path):
+def test_bring_your_own_base_model_folder_or_hub_repo(project, tmp_path):
     """base.init_from names a folder, then a Hub repo (served on 127.0.0.1): params.yaml is the only change."""
+    repo = project
     mine = tmp_path / "my-base"
     shutil.copytree(repo / "models/base", mine)
     out = run(f"dvc exp run -S base.init_from={mine}", repo)
