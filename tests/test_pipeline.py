@@ -1,7 +1,6 @@
 """End to end: a temporary git + DVC copy of the project with tiny params; real `dvc repro`, `dvc exp run`,
 `dvc metrics diff`, and `dvc push`/`dvc pull` through a local folder remote and an S3-compatible server."""
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tests.hub_server import HubServer

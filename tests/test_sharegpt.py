@@ -7,7 +7,6 @@ stages."""
 import json
 import math
 import re
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -148,19 +147,19 @@ def test_split_keeps_nearly_every_trained_token_of_long_conversations(rendered):
 
 
 def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smollm2, tmp_path):
-    """`dvc repro` with params pointing at a few hundred real ShareGPT conversations and the GGUF model: rendered in its
-    own template (default system prompt and all), split into rows of whole exchanges at 1024 tokens, a few SFT steps
-    on the CPU, evaluated as long answers (budget from each gold answer, reference-based scores and the answer loss
-    with intervals, no multiple choice), gated on the metric named, and exported with the template transformers
-    then renders the same prompt ids from."""
+    """`dvc repro` with params pointing at a few hundred real ShareGPT conversations and `base.init_from` at the GGUF
+    file (the real 135M model, converted): rendered in its own template (the one in the file, default system prompt
+    and all), split into rows of whole exchanges at 1024 tokens, a few SFT steps on the CPU, evaluated as long
+    answers (budget from each gold answer, reference-based scores and the answer loss with intervals, no multiple
+    choice), gated on the metric named, and exported for transformers with that template, unchanged, from which
+    transformers renders the same prompt ids."""
     import transformers
     import yaml
 
     from pipeline.data import _array_rows
     from pipeline.template import render_prompt
     from pipeline.tokenizer import load_tokenizer
-    from tests.conftest import ROOT, merge
-    from tests.test_pipeline import TINY, ran, run
+    from tests.project import new_project, ran, run
 
     gguf, _, _ = smollm2
     rows = [row for _, (_, row) in zip(range(600), _array_rows(sharegpt, sharegpt.read_text(encoding="utf-8")))]
@@ -169,11 +168,7 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
     data.mkdir()
     for name, part in (("train", rows[:300]), ("dev", rows[300:320]), ("heldout", short[:6])):
         (data / f"{name}.json").write_text(json.dumps(part))  # the rows as they come, in ShareGPT's own form
-    repo = tmp_path / "repo"
-    for part in ("pipeline", "stages"):
-        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), {
+    repo = new_project(tmp_path / "repo", {
         "data": {**{s: str(data / f"{s}.json") for s in ("train", "dev", "heldout")}},
         "base": {"init_from": str(gguf), "corpus_eval_rows": 2}, "lr": 2.0e-5,
         "render": {"on_error": "skip", "unpaired": "trim"},
@@ -183,11 +178,11 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
                      "batch_size": 3, "multiple_choice": False,
                      "during_train": {"prompts": 1, "samples": 1, "max_new_tokens": 2}},
         "publish": {"gate_metric": "chrf", "gate_min": 1.5}})  # chrF is at most 1: refused
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git init -q -b main && dvc init -q && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo, ok=False)
     assert re.search(r"refusing to publish: sft\.chrf = 0\.\d{3} is below publish\.gate_min = 1\.500", out)
     assert "chat format template" in out and "scored as long answers, budget auto, no multiple choice" in out
+    base = json.loads((repo / "reports/base/metrics.json").read_text())
+    assert base["corpus_rows"] == 2 and math.isfinite(base["corpus_loss"])  # the imported model's fit to the corpus
     render = json.loads((repo / "reports/render.json").read_text())["train"]
     assert render["rows_read"] == render["rows_kept"] + render["rows_dropped"] == 300 and render["rows_kept"] > 280
     assert render["assistant_end_trained_fraction"] == 1.0 and render["roles"]["user"]["trained_fraction"] == 0.0
@@ -208,11 +203,20 @@ def test_smollm2_fine_tuned_on_real_sharegpt_in_its_own_template(sharegpt, smoll
     assert all(4 <= r["budget"] <= 8 for r in gen) and not (repo / "reports/predictions/mc.parquet").exists()
     report = (repo / "reports/eval.md").read_text()
     assert "| chrf |" in report and "mc_accuracy" not in report and "answer loss" in report
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     params["publish"]["gate_min"] = 0.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran(run("dvc repro", repo)) == ["publish"]
     published = repo / "publish/model"
+    assert json.loads((published / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    assert "Format `template`" in (published / "README.md").read_text()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(published))
+    own = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert hf_tok.chat_template == own.chat_template  # the model's own template, never replaced
+    conv = [{"role": "user", "content": "Who is the mayor?"}, {"role": "assistant", "content": "Mira Tal"}]
+    assert hf_tok.apply_chat_template(conv, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWho is the mayor?<|im_end|>\n<|im_start|>assistant\nMira Tal<|im_end|>\n")
     messages = [{"role": "user", "content": short[0]["conversations"][0]["value"]}]
     assert render_prompt(messages, load_tokenizer(str(published))) == hf_tok.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
