@@ -23,7 +23,7 @@ repro: $(VENV)/.deps
 	$(RUN) dvc repro
 
 test: $(VENV)/.test-deps
-	$(RUN) python -m pytest -q
+	$(RUN) python -m pytest -q --durations=15
 
 # the inner loop: everything but the tests marked slow (real DVC runs, torchrun, compilers)
 test-quick: $(VENV)/.test-deps
