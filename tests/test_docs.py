@@ -23,7 +23,7 @@ from pipeline.config import SECTIONS, load_params
 from tests.conftest import ROOT
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-PAGES = [ROOT / "README.md", *DOCS]
+PAGES = [ROOT / "README.md", *DOCS, ROOT / "BENCHMARKS.md"]  # BENCHMARKS.md: checked, documents no param
 SOURCE_DIRS = ("pipeline", "stages", "bench", "tests", "docs", ".ci")
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "parquet", "safetensors", "png", "csv", "npy", "pt", "gguf", "txt",
                  "yaml", "yml", "lock", "html", "tsv", "whl", "ini", "cfg", "toml", "sh"}  # `train.jsonl` is a file
@@ -168,7 +168,7 @@ def anchors(path: Path) -> set[str]:
 # ---- params -----------------------------------------------------------------------------------------------------
 
 SET_PARAM = re.compile(r"(?:^|[\s`(])-S\s+(['\"]?)\+?([A-Za-z_][\w.]*)=([^\s'\"`]*)\1")
-DOTTED = re.compile(r"(?<![\w./$-])([a-z_][a-z0-9_]*(?:\.[A-Za-z_][\w]*)+)(?![\w/-])")
+DOTTED = re.compile(r"(?<![\w./$-])([a-z_][a-z0-9_]*(?:\.[A-Za-z_][\w]*)+)(?![\w/(-])")  # `model.f(` is code
 
 
 def set_params(text: str) -> list[tuple[str, str]]:
