@@ -359,6 +359,32 @@ def test_every_module_and_option_of_our_tools_exists():
     assert not wrong, "\n".join(wrong)
 
 
+def defines(file: Path, name: str) -> bool:
+    """The module defines `name` at its top level (a function, a class or an assignment)."""
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and name in {
+                t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)}:
+            return True
+    return False
+
+
+def test_every_module_and_name_in_code_spans_exists():
+    """`pipeline.memory.check_fit`, `stages.base`, `bench.gpu_check`: the module exists and defines the name."""
+    wrong = []
+    for page in PAGES:
+        for number, span in spans(page):
+            if match := re.fullmatch(r"((?:pipeline|stages|bench)\.\w+)(?:\.(\w+))?(?:\(.*\))?", span):
+                file = ROOT / (match.group(1).replace(".", "/") + ".py")
+                if not file.is_file():
+                    wrong.append(f"{rel(page)}:{number}: {match.group(1)}: no such module")
+                elif match.group(2) and not defines(file, match.group(2)):
+                    wrong.append(f"{rel(page)}:{number}: {match.group(1)} defines no {match.group(2)}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_every_make_target_exists():
     targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
     wrong = []
