@@ -15,7 +15,6 @@ import sys
 from functools import cache
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pipeline.common import UserError
