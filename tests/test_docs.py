@@ -2,9 +2,9 @@
 snippets) exists in params.yaml and its value loads; every key of params.yaml is documented in docs/; links,
 anchors, repo paths, `python -m` modules, options of our tools and `make` targets resolve; each fenced block marked
 runnable runs (```` ```bash run ````: here, cheaply) or names the tests that run it (```` ```bash run-by=
-tests/test_x.py::test_name,... ````: they exist and their source holds each command); the layers of pipeline/ in
-docs/contributing.md agree with the imports. Everything is read at run time: new params, pages and modules are
-checked without editing this file."""
+tests/test_x.py::test_name,... ````: tests, or fixtures the tests use, that exist and whose source holds each
+command); the layers of pipeline/ in docs/contributing.md agree with the imports. Everything is read at run time:
+new params, pages and modules are checked without editing this file."""
 import ast
 import copy
 import os
@@ -424,6 +424,11 @@ def runnable(kind: str) -> list[tuple[Path, int, str, list[tuple[str, str]]]]:
     return out
 
 
+def is_fixture(node: ast.FunctionDef) -> bool:
+    """@pytest.fixture or @pytest.fixture(...): a shared end-to-end run may live in one."""
+    return any("fixture" in ast.unparse(d) for d in node.decorator_list)
+
+
 def normalized_source(node: ast.FunctionDef) -> str:
     """The string constants of a test (f-string parts included), joined: a command given as one string, as
     f"... {x} ..." or as a list of arguments reads the same."""
@@ -440,8 +445,8 @@ def test_blocks_marked_run_by_name_tests_that_exist_and_run_each_command():
         for test_id in info.split("=", 1)[1].split(","):
             path, _, name = test_id.partition("::")
             node = function_in(path, name)
-            if node is None or not name.startswith("test_"):
-                wrong.append(f"{rel(page)}:{start}: {test_id}: no such test")
+            if node is None or not (name.startswith("test_") or is_fixture(node)):
+                wrong.append(f"{rel(page)}:{start}: {test_id}: no such test (or fixture the tests use)")
             else:
                 sources.append(normalized_source(node))
         for _, command in commands:
