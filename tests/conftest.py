@@ -186,10 +186,12 @@ def write_rendered(path: str, input_ids, labels, source_row, source=None, row_gr
 def finished_project(tmp_path_factory) -> Path:
     """One `dvc repro` of the bundled default with tiny params (tests/project.py), shared by the end-to-end tests;
     use `project` for a copy of your own."""
-    from tests.project import finish_project, new_project
+    from tests.project import new_project, run
 
     repo = new_project(tmp_path_factory.mktemp("finished") / "repo")
-    (repo.parent / "repro.log").write_text(finish_project(repo))  # what the first `dvc repro` said, next to it
+    out = run("dvc repro", repo, {"SFT_GPU_COUNT": "1"})  # one faked GPU to lock, as tests/test_sweep.py checks
+    run("git add -A && git commit -qm 'first run'", repo)
+    (repo.parent / "repro.log").write_text(out)  # what the first `dvc repro` said, next to it
     return repo
 
 

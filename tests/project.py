@@ -57,14 +57,6 @@ def new_project(repo: Path, *overrides: dict) -> Path:
     return repo
 
 
-def finish_project(repo: Path) -> str:
-    """`dvc repro` in a new project (with one faked GPU to lock, as tests/test_sweep.py needs), then everything
-    committed; returns what dvc printed."""
-    out = run("dvc repro", repo, {"SFT_GPU_COUNT": "1"})
-    run("git add -A && git commit -qm 'first run'", repo)
-    return out
-
-
 def copy_project(finished: Path, dest: Path) -> Path:
     """A copy of a finished project (git history, DVC cache, outputs) at `dest`, to change as a test likes."""
     shutil.copytree(finished, dest, symlinks=True)
