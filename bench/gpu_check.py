@@ -220,9 +220,9 @@ def lora_bf16_base() -> str:
     from pipeline.memory import plan_memory
 
     model = small_model()
-    add_adapters(model, LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"]), seed=0)
-    cfg = train_cfg(lora=LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"]), max_steps=20,
-                    batch_size=4, save_every=0, eval_every=100, lr=1e-2)
+    add_adapters(model, LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"], "none"), seed=0)
+    cfg = train_cfg(lora=LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"], "none"),
+                    max_steps=20, batch_size=4, save_every=0, eval_every=100, lr=1e-2)
     summary = train(cfg, model, COMPUTE, packed_rows(), packed_rows(16, seed=1), None, "lora")
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}

@@ -1,7 +1,7 @@
 """The train stage's work (SFT): the base model folder fine-tuned on packed conversations (in full, or LoRA
 adapters), with a dev loss and a small generation check on dev prompts at every evaluation, saved as a model folder
 (LoRA: the adapters merged) and, with LoRA, the adapter alone in PEFT's layout. A memory plan from config.json comes
-first: a run that cannot fit the GPU stops before the model is loaded."""
+first: a run that cannot fit the GPU (or, offloaded, the host) stops before the model is loaded."""
 import os
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from pipeline.config import DuringTrainConfig, SftConfig
 from pipeline.evaluate import make_train_evaluator
 from pipeline.hf import architecture, load_model, read_config, save_model, save_options
 from pipeline.lora import add_adapters, merge_into, save_adapter
-from pipeline.memory import check_fit, device_free_bytes, plan_memory
+from pipeline.memory import check_fit, device_free_bytes, host_free_bytes, plan_memory, sized_loss_chunk
 from pipeline.pack import load_packed
 from pipeline.tokenizer import load_tokenizer
 from pipeline.train import clear_checkpoint, train, trained_weights
@@ -36,19 +36,22 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
         else compute.device
     arch = architecture(read_config(base), f"{base}/config.json")
-    plan = plan_memory(arch, cfg, train_rows["ids"].shape[1], world, device.type, compute.autocast_dtype is not None)
-    free = device_free_bytes(device)
-    print0(f"sft: {plan.line(free)}")
-    check_fit(plan, free, cfg, world, arch)  # before anything heavy: one line naming what would fit
+    block, bf16 = train_rows["ids"].shape[1], compute.autocast_dtype is not None
+    free, host_free = device_free_bytes(device), host_free_bytes()
+    cfg = sized_loss_chunk(arch, cfg, block, world, device.type, bf16, free)  # loss_chunk: auto -> a number
+    plan = plan_memory(arch, cfg, block, world, device.type, bf16)
+    print0(f"sft: {plan.line(free, host_free if plan.offloaded else None)}")
+    # before anything heavy: one line naming what would fit
+    check_fit(plan, free, cfg, world, arch, host_free)
     model = load_model(base)
-    if cfg.lora.rank:
-        add_adapters(model, cfg.lora, cfg.seed)
+    if cfg.lora.rank:  # QLoRA: the base quantized on the GPU, one projection at a time
+        add_adapters(model, cfg.lora, cfg.seed, device)
     torch.manual_seed(cfg.seed + int(os.environ.get("RANK", "0")))  # dropout and NEFTune: each rank its own draws
     # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
     evaluator = make_train_evaluator(tok, dev, during, compute, live_dir if out is not None else None)
     summary = train(cfg, model, compute, train_rows, dev, live_dir, "sft", evaluator, ckpt_dir=ckpt_dir, plan=plan)
     print0(f"sft: {summary}")
-    sharded = cfg.parallel == "fsdp" and world > 1
+    sharded = (cfg.parallel == "fsdp" and world > 1) or cfg.offload == "optimizer"
     weights = trained_weights(model) if cfg.lora.rank or sharded else None  # FSDP: gathered to rank 0
     if out is None:
         return summary

@@ -16,6 +16,7 @@ from pipeline.memory import (
     check_fit,
     device_free_bytes,
     gib,
+    loss_chunk_of,
     measured_activation_bytes,
     parameter_shapes,
     plan_memory,
@@ -145,7 +146,7 @@ def test_planned_activations_are_within_the_stated_factor_of_the_measured(case):
     cfg = train_cfg(lora, batch_size=batch_size, **fields)
     model = model_for(arch_kw, cfg)
     model.train()
-    model.loss_chunk = cfg.loss_chunk
+    model.loss_chunk = loss_chunk_of(cfg)  # what the plan takes an unsized auto for
     batch = to_batch(rows(4 * batch_size, tokens), list(range(batch_size)), "cpu")
     full, checkpointed = measured(model, batch, bf16)
     plan = plan_memory(model.arch, cfg, tokens, 1, "cpu", bf16)
@@ -154,7 +155,29 @@ def test_planned_activations_are_within_the_stated_factor_of_the_measured(case):
         assert 1 / ACTIVATION_FACTOR <= planned / real <= ACTIVATION_FACTOR, (case, planned, real)
 
 
-def test_check_fit_names_alternatives_that_fit():
+def proposed(message: str) -> list[list[str]]:
+    """check_fit's combinations, cheapest first: `dvc exp run -S a -S b (else: -S c; -S d -S e)` -> [[a, b], ...]."""
+    command = message.split("cheapest that fits: dvc exp run ")[1]
+    first, _, others = command.partition(" (else: ")
+    return [combo.removeprefix("-S ").split(" -S ") for combo in [first, *others.removesuffix(")").split("; ")]
+            if combo]
+
+
+def applied(overrides: list[str], **base) -> tuple:
+    """(the train config with `-S` overrides applied over `base` fields, the process count)."""
+    fields, lora, world = dict(base), {"rank": 0}, 1
+    for override in overrides:
+        key, value = override.removeprefix("train.").split("=")
+        value = True if value == "true" else int(value) if value.isdigit() else value
+        if key.startswith("lora."):
+            lora[key.removeprefix("lora.")] = value
+        else:
+            fields[key] = value
+            world = value if key == "nproc" else world
+    return train_cfg(lora, **fields), world
+
+
+def test_check_fit_names_the_cheapest_combinations_that_fit():
     arch = tiny_model(4096, n_layer=4, n_embd=128, n_head=4, n_kv_head=4, head_dim=32, intermediate_size=256).arch
     cfg = train_cfg(batch_size=8, grad_accum=2)
     plan = plan_memory(arch, cfg, 256, 1, "cuda", True)
@@ -166,20 +189,12 @@ def test_check_fit_names_alternatives_that_fit():
     message = str(e.value)
     assert "\n" not in message and len(message) < 300
     assert f"needs ~{gib(plan.total())} GiB per rank but {gib(free)} GiB is free" in message
-    assert "train.lora.rank=16" in message
-    named = message.split("(dvc exp run -S): ")[1].split("; ")
-    for alternative in named:  # each, applied alone, really fits
-        fields, world = {}, 1
-        for override in alternative.split(" with "):
-            key, value = override.removeprefix("train.").split("=")
-            if key == "nproc":
-                world = int(value)
-            elif key != "lora.rank":
-                fields[key] = True if value == "true" else int(value) if value.isdigit() else value
-        new = train_cfg({"rank": 16} if "lora.rank" in alternative else None, **({"batch_size": 8, "grad_accum": 2}
-                                                                                | fields))
-        assert plan_memory(arch, new, 256, world, "cuda", True).total() <= free, alternative
-    assert len(named) >= 2 and named[0] == "train.activation_checkpointing=true"  # the order check_fit tries them
+    named = proposed(message)
+    for combo in named:  # each, applied, really fits, and none is a superset of one named before it
+        new, world = applied(combo, batch_size=8, grad_accum=2)
+        assert plan_memory(arch, new, 256, world, "cuda", True).total() <= free, combo
+    assert not any(set(a) <= set(b) for i, a in enumerate(named) for b in named[i + 1:])
+    assert len(named) == 3 and named[0] == ["train.activation_checkpointing=true"]  # the cheapest change
     check_fit(plan, plan.total(), cfg, 1, arch)  # enough: nothing raised
     check_fit(plan, None, cfg, 1, arch)  # unknown (CPU): nothing to check
     with pytest.raises(UserError, match="more memory"):
@@ -201,12 +216,14 @@ def test_pretraining_config_plans_full_training_without_lora_or_fsdp_advice():
 def test_plan_line_and_metrics():
     cfg = train_cfg(activation_checkpointing=True)
     plan = plan_memory(tiny_model(VOCAB).arch, cfg, 64, 1, "cpu", False)
-    assert plan.total() == plan.weights + plan.gradients + plan.optimizer + plan.activations_checkpointed
+    assert plan.total() == (plan.weights + plan.gradients + plan.optimizer + plan.activations_checkpointed
+                            + plan.loss_transient)
+    assert plan.loss_transient == cfg.batch_size * 64 * VOCAB * 4  # unchunked (8192 > B x 64): one more fp32 (N, V)
     assert plan.line(None).startswith("memory plan per rank: weights ") and "free: unknown (CPU)" in plan.line(None)
     assert plan.line(3 * GIB).endswith("GiB of 3.00 GiB free") and "\n" not in plan.line(3 * GIB)
     metrics = plan.metrics()
     assert set(metrics) == {f"plan_{k}_gib" for k in ("weights", "gradients", "optimizer", "activations",
-                                                      "activations_checkpointed", "total")}
+                                                      "activations_checkpointed", "loss_transient", "total")}
     assert metrics["plan_total_gib"] == plan.total() / GIB
 
 
