@@ -27,8 +27,8 @@ FIT_WORLDS = (2, 4, 8)  # the FSDP process counts check_fit tries
 FIT_COSTS = {"activation_checkpointing": 1,  # ~30% more compute, the same result
              "batch": 1,  # more, smaller micro-batches: the same rows per step and result, less throughput
              "optimizer": 2,  # 8-bit moments: nearly the same loss curve
-             "offload": 3,  # the optimizer step on the host, the weights over PCIe at every step: much slower
-             "lora": 4,  # adapters instead of every weight: another model
+             "offload": 4,  # the optimizer step on the host, the weights over PCIe at every step: much slower
+             "lora": 5,  # adapters instead of every weight: another model (dearer than a slower run of the same)
              "quantize": 2,  # on top of LoRA: the frozen base in 4 bits
              "fsdp": 6}  # more GPUs
 AUTO_CHUNK = 8192  # loss_chunk: auto where free memory is unknown (the CPU)
@@ -412,6 +412,8 @@ def choices(cfg, world: int) -> list[list[tuple[float, tuple[str, ...], dict]]]:
         found.append([keep, (FIT_COSTS["optimizer"], ("train.optimizer=adamw8bit",), {"optimizer": "adamw8bit"})])
     if cfg.offload == "none":
         found.append([keep, (FIT_COSTS["offload"], ("train.offload=optimizer",), {"offload": "optimizer"})])
+    else:  # the host is short: the device may hold the state after all
+        found.append([keep, (0.5, ("train.offload=none",), {"offload": "none"})])
     if cfg.lora.rank == 0:
         found.append([keep, (FIT_COSTS["lora"], (f"train.lora.rank={FIT_RANK}",), {"lora.rank": FIT_RANK})])
     if cfg.lora.quantize == "none":
