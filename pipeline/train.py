@@ -35,7 +35,7 @@ from pipeline.distributed import (
 from pipeline.memory import MemoryPlan, device_free_bytes, loss_chunk_of, plan_memory, sized_loss_chunk
 from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
 from pipeline.pack import ARRAYS
-from pipeline.quant import adamw8bit
+from pipeline.quant import adamw8bit, is_nf4
 from pipeline.remote import Uploader, finish, open_store
 
 
@@ -318,6 +318,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
                            compute.autocast_dtype is not None)
         print0(f"{desc}: {plan.line(device_free_bytes(device))}")
     n_params, n_trainable = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params += sum(m.in_features * m.out_features for m in model.modules() if is_nf4(m))  # NF4: buffers
     n_rows = len(train_data["ids"])
     n_steps = total_steps(cfg, n_rows, world)
     start, skipped, bad_in_row, summary = 0, 0, 0, {}

@@ -113,6 +113,7 @@ ACTIVATION_CASES = {  # name: (architecture, batch rows, tokens, train fields, l
                      False),
     "lora_all_no_dropout": (dict(n_kv_head=4), 4, 64, {}, {"rank": 8, "dropout": 0.0}, False),
     "bf16_autocast": (dict(qk_norm=True), 4, 64, {}, None, True),
+    "qlora_bf16_autocast": ({}, 4, 64, {}, {"rank": 4, "quantize": "nf4"}, True),
 }
 
 
@@ -142,7 +143,7 @@ def measured(model, batch, bf16: bool) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("case", ACTIVATION_CASES)
-def test_planned_activations_are_within_the_stated_factor_of_the_measured(case):
+def test_planned_activations_are_within_the_stated_factor_of_the_measured(case, one_thread):
     arch_kw, batch_size, tokens, fields, lora, bf16 = ACTIVATION_CASES[case]
     cfg = train_cfg(lora, batch_size=batch_size, **fields)
     model = model_for(arch_kw, cfg)
