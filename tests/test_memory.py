@@ -1,6 +1,7 @@
 """The memory plan: weights, gradients and AdamW state equal the bytes of a real model and optimizer (full, LoRA,
-FSDP shards); planned activations stay within ACTIVATION_FACTOR of what a CPU forward keeps for backward; check_fit
-names only alternatives that fit."""
+QLoRA's NF4 codes and quantization state, AdamW8bit's moments, FSDP shards); planned activations stay within
+ACTIVATION_FACTOR of what a CPU forward keeps for backward; offloaded state is checked against host memory; check_fit
+names the cheapest combinations that fit, and only those; loss_chunk auto takes the largest chunk that fits."""
 import dataclasses
 
 import numpy as np
