@@ -10,7 +10,7 @@ What only a GPU can show, the most informative first: the blocks compiled as tra
 FlexAttention inside (never run before this check), then the speed of the real train() on the 124M benchmark model
 (tokens/s, MFU against the measured bf16 matmul peak, the peak memory against the memory plan), then the dtypes
 reaching attention, FlexAttention against SDPA, generation between compiled training steps, fused AdamW, LoRA with a
-bf16 base, and with two GPUs DDP resume and FSDP against one GPU.
+bf16 base, QLoRA, 8-bit AdamW and optimizer offload, and with two GPUs DDP resume and FSDP against one GPU.
 
 Every comparison is made where it can fail: on a model whose attention matters (q and k scaled up), each tolerance
 is checked against what a broken document mask does to the same numbers (the check fails when it could not tell the
@@ -43,7 +43,7 @@ try:  # what every check needs (a GPU machine's own Python has these); anything 
 
     import pipeline.model as model_module
     from pipeline.common import setup_compute
-    from pipeline.config import LoraConfig, PackConfig, SftConfig, load_params
+    from pipeline.config import LORA_TARGETS, LoraConfig, PackConfig, SftConfig, load_params
     from pipeline.generate import KVCache, generate
     from pipeline.model import Architecture, Transformer
     from pipeline.pack import pack
@@ -56,7 +56,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 COMPUTE = setup_compute(DEVICE, "bfloat16")  # bf16 autocast, as training on CUDA (the CPU runs it too)
 BLOCK = 512  # tokens per packed row: four FlexAttention tiles
-LORA = LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"])
+LORA = LoraConfig(8, 16.0, 0.0, ["q_proj", "v_proj", "up_proj", "down_proj"], "none")
 PLAN_FACTOR = 1.5  # planned / measured peak memory, either way (pipeline.memory.ACTIVATION_FACTOR on the CPU)
 MARGIN = 5  # a broken document mask must move the compared numbers by at least MARGIN x the tolerance
 
@@ -390,6 +390,46 @@ def lora_bf16_base():
             {"peak_memory_gib": summary["peak_memory_gib"], "plan_gib": plan.total() / 2**30, "merge_gap": gap})
 
 
+def qlora_8bit_offload():
+    """8-bit AdamW and optimizer offload on one GPU (FSDP2's CPUOffloadPolicy) against fp32 AdamW: each lowers the
+    dev loss by what fp32 AdamW does, within 10% of that improvement (an optimizer that does not step fails), offload
+    with a lower peak on the GPU; QLoRA (the NF4 base quantized on the GPU, bf16 compute, compiled blocks around
+    bitsandbytes' eager kernels): the planned weights equal the held bytes (parameters, NF4 codes and their state)
+    and the dev loss falls."""
+    from pipeline.lora import add_adapters
+    from pipeline.memory import plan_memory
+    from pipeline.train import evaluate_loss
+
+    rows, dev = packed_rows(), packed_rows(16, seed=1)
+    base = train_cfg(max_steps=20, batch_size=4, save_every=0, eval_every=10**9, lr=1e-3)
+    start = evaluate_loss(small_model(), dev, 4, COMPUTE)
+    runs = {}
+    for name, fields in (("adamw", {}), ("adamw8bit", {"optimizer": "adamw8bit"}),
+                         ("offload", {"offload": "optimizer"})):
+        torch.cuda.reset_peak_memory_stats()
+        runs[name] = train(dataclasses.replace(base, **fields), small_model().cpu(), COMPUTE, rows, dev, None, name)
+    gain = start - runs["adamw"]["dev_loss"]
+    assert gain > 0, (start, runs["adamw"])
+    for name in ("adamw8bit", "offload"):
+        assert abs((start - runs[name]["dev_loss"]) - gain) <= 0.1 * gain, (name, start, runs[name], gain)
+    assert runs["offload"]["peak_memory_gib"] < runs["adamw"]["peak_memory_gib"], runs
+    model = small_model()
+    cfg = dataclasses.replace(base, lr=1e-2, lora=LoraConfig(8, 16.0, 0.0, list(LORA_TARGETS), "nf4"))
+    add_adapters(model, cfg.lora, seed=0, device=DEVICE)
+    before = evaluate_loss(model, dev, 4, COMPUTE)
+    summary = train(cfg, model, COMPUTE, rows, dev, None, "qlora")
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *(b for n, b in model.named_buffers()
+                                                                            if n != "rope_freq")])
+    plan = plan_memory(model.arch, cfg, BLOCK, 1, DEVICE, True)
+    assert plan.weights == held, (plan.weights, held)
+    assert summary["dev_loss"] < before, (before, summary["dev_loss"])
+    return (f"dev loss from {start:.4f}: adamw {runs['adamw']['dev_loss']:.4f}, 8-bit {runs['adamw8bit']['dev_loss']:.4f}, "
+            f"offload {runs['offload']['dev_loss']:.4f} (peak {runs['offload']['peak_memory_gib'] * 1024:,.0f} vs "
+            f"{runs['adamw']['peak_memory_gib'] * 1024:,.0f} MiB); QLoRA {before:.3f} -> {summary['dev_loss']:.3f}, "
+            f"planned weights {plan.weights:,} B = held",
+            {name: r["dev_loss"] for name, r in runs.items()} | {"qlora_dev_loss": summary["dev_loss"]})
+
+
 def torchrun(flag: str, folder: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "bench.gpu_check", flag, folder]
@@ -483,6 +523,7 @@ CHECKS = [  # the most informative first
     Check("generation-without-recompiles", generation_without_recompiles, True, 1, (60, 20)),
     Check("fused-adamw", fused_adamw, False, 1, (20, 0)),
     Check("lora-bf16-base", lora_bf16_base, False, 1, (90, 0)),
+    Check("qlora-8bit-offload", qlora_8bit_offload, False, 1, (120, 0)),
     Check("ddp-resume", ddp_resume, True, 2, (120, 40)),
     Check("fsdp-vs-one", fsdp_vs_one, True, 2, (120, 40)),
 ]

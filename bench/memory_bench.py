@@ -26,6 +26,8 @@ SIZES = {  # name: (architecture, block_size, rows per step, steps)
                  vocab_size=8192), 256, 16, 12),
     "1b": (dict(n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, head_dim=64, intermediate_size=8192,
                 vocab_size=32768), 1024, 16, 20),
+    "100m": (dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, intermediate_size=2048,
+                  vocab_size=16384), 256, 4, 6),  # bench/fit_bench.py
 }
 RUNS = {  # name: train params over the project's
     "full": {},

@@ -52,10 +52,10 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
             copy_model(folder, tok, out)  # as it came: its config, dtype and shards
         return
     arch = Architecture.from_params(model_cfg, tok.get_vocab_size())
-    plan = plan_and_check(arch, cfg.pretrain, cfg.block_size, compute, "base")  # as the train stage: before the model
+    pretrain, plan = plan_and_check(arch, cfg.pretrain, cfg.block_size, compute, "base")  # as SFT: before the model
     model = Transformer(arch)
     model.init_weights(cfg.seed)
-    train(cfg.pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir, plan=plan)
+    train(pretrain, model, compute, rows, None, live_dir, "base", ckpt_dir=ckpt_dir, plan=plan)
     if out is not None:  # rank 0
         save_model(model.cpu(), tok, out, **save_options(cfg.pretrain))
         clear_checkpoint(ckpt_dir, cfg.pretrain)

@@ -251,7 +251,8 @@ class TrainConfig:
     nproc: int  # processes (GPUs) on this machine; > 1 relaunches the stage under torchrun (DDP)
     compile: bool  # torch.compile the blocks on CUDA (fixed shapes); CPU always runs eager
     activation_checkpointing: bool  # recompute blocks in backward: less memory, ~30% more compute
-    loss_chunk: int  # trained positions per output-layer chunk in the loss; 0: all at once
+    loss_chunk: int | str  # trained positions per output-layer chunk in the loss; 0: all at once; auto: the largest
+    # chunk the free device memory takes (pipeline/memory.py)
     device: str  # auto | cpu | cuda
     dtype: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | bfloat16 | float32
     wandb_project: str  # set to log to W&B too (mode from WANDB_MODE; default offline)
@@ -261,8 +262,9 @@ class TrainConfig:
     def __post_init__(self):
         at_least_1 = ("batch_size", "grad_accum", "eval_every", "log_every", "max_bad_steps", "nproc")
         rules = {k: (getattr(self, k) >= 1, "must be >= 1") for k in at_least_1}
-        rules |= {k: (getattr(self, k) >= 0, "must be >= 0") for k in ("save_every", "loss_chunk", "weight_decay",
-                                                                      "remote_keep")}
+        rules |= {k: (getattr(self, k) >= 0, "must be >= 0") for k in ("save_every", "weight_decay", "remote_keep")}
+        rules["loss_chunk"] = (self.loss_chunk == "auto" or isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
+                               "must be auto or a number of positions >= 0 (0: all at once)")
         rules |= {
             "lr": (self.lr > 0, "must be > 0"),
             "min_lr_frac": (0 <= self.min_lr_frac <= 1, "must be in [0, 1]"),
@@ -281,6 +283,9 @@ class TrainConfig:
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # PEFT's names
 PARALLEL = ("ddp", "fsdp")
+QUANTIZE = ("none", "nf4")  # the frozen base of the adapted projections: as loaded | 4-bit NormalFloat (QLoRA)
+OPTIMIZERS = ("adamw", "adamw8bit")  # AdamW with fp32 moments | with 8-bit blockwise moments (bitsandbytes)
+OFFLOAD = ("none", "optimizer")  # optimizer state (with the fp32 weights and gradients) in host memory (FSDP2)
 
 
 @dataclasses.dataclass
@@ -289,10 +294,13 @@ class LoraConfig:
     alpha: float  # the adapter's update is scaled by alpha / rank
     dropout: float  # dropout on the adapter's input, in training only
     targets: list  # the projections that get adapters, by transformers' names (q_proj ... down_proj)
+    quantize: str  # none | nf4: the adapted projections' frozen weights stored in 4-bit NF4 (QLoRA)
 
     def __post_init__(self):
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         require(self, {"rank": (self.rank >= 0, "must be >= 0 (0: full fine-tuning)"),
+                       "quantize": (self.quantize in QUANTIZE and (self.quantize == "none" or self.rank > 0),
+                                    f"must be one of {', '.join(QUANTIZE)}; nf4 (QLoRA) needs adapters: rank > 0"),
                        "alpha": (self.alpha > 0, "must be > 0"),
                        "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
                        "targets": (bool(self.targets) and not bad and len(set(self.targets)) == len(self.targets),
@@ -307,11 +315,28 @@ class SftConfig(TrainConfig):
     # optimizer state sharded over the GPUs)
     neftune_alpha: float  # NEFTune: uniform noise of scale alpha / sqrt(L * d) on the input embeddings in training
     # steps (L: the row's tokens, d: the width); 0: off
+    optimizer: str  # adamw | adamw8bit (8-bit blockwise moments, bitsandbytes)
+    offload: str  # none | optimizer: weights, gradients and optimizer state in host memory (FSDP2's CPU offload)
 
     def __post_init__(self):
         super().__post_init__()
+        fsdp = self.parallel == "fsdp" or self.offload == "optimizer"  # offload runs through FSDP2, on one GPU too
+        nf4 = self.lora.quantize == "nf4"
         require(self, {"parallel": (self.parallel in PARALLEL, f"must be one of {', '.join(PARALLEL)}"),
-                       "neftune_alpha": (self.neftune_alpha >= 0, "must be >= 0 (0: off)")})
+                       "neftune_alpha": (self.neftune_alpha >= 0, "must be >= 0 (0: off)"),
+                       "optimizer": (self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+                       "offload": (self.offload in OFFLOAD, f"must be one of {', '.join(OFFLOAD)}")})
+        # what does not run together (FSDP2's shards are DTensors: bitsandbytes refuses them)
+        problems = [f"lora.quantize='nf4' does not run under FSDP2 (parallel='{self.parallel}', offload="
+                    f"'{self.offload}'): 4-bit shards have open silent-corruption reports upstream; use parallel: ddp "
+                    "and offload: none with nf4"] if fsdp and nf4 else []
+        if fsdp and self.optimizer == "adamw8bit":
+            problems.append(f"optimizer='adamw8bit' does not run on FSDP2's sharded parameters (parallel="
+                            f"'{self.parallel}', offload='{self.offload}'); use optimizer: adamw there")
+        if self.offload == "optimizer" and self.parallel == "ddp" and self.nproc > 1:
+            problems.append("offload='optimizer' shards through FSDP2: with nproc > 1 set parallel: fsdp")
+        if problems:
+            raise ParamError(problems)
 
 
 @dataclasses.dataclass

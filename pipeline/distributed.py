@@ -59,21 +59,31 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 # ---- FSDP2 -----------------------------------------------------------------------------------------------------
-def shard(model: torch.nn.Module, compute: Compute, world: int) -> None:
+def one_process_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store, no network), for FSDP2 on one GPU."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
+def shard(model: torch.nn.Module, compute: Compute, world: int, offload: bool = False) -> None:
     """FSDP2 in place: every block, then the root (embedding, final norm, output layer), sharded over the ranks on
     dim 0 and moved to the device; a block's full weights exist only while it runs. Under bf16 autocast the blocks'
     weights are gathered in bf16 (what autocast would cast them to) and their gradients reduce-scattered in fp32;
     the root's stay fp32 and the blocks' inputs are not cast, so the residual stream is fp32 as under DDP. The fp32
-    shards are the master weights."""
+    shards are the master weights. offload: the shards, their gradients and so the optimizer state and step stay in
+    host memory (CPUOffloadPolicy; each module's weights are copied to the device for its forward and backward); on
+    the CPU a no-op that still runs the same code."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(compute.device.type, (world,))
+    placed = CPUOffloadPolicy(pin_memory=compute.device.type == "cuda") if offload else OffloadPolicy()
     blocks = MixedPrecisionPolicy(param_dtype=compute.autocast_dtype, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=blocks)
-    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        fully_shard(block, mesh=mesh, mp_policy=blocks, offload_policy=placed)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32), offload_policy=placed)
 
 
 def local(t):

@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters on the attention and MLP projections. Each targeted nn.Linear becomes a LoraLinear that
 keeps its frozen `weight` (and `bias`) under the same name and adds `lora_A` (r, in) and `lora_B` (out, r), so the
-layer computes W x + (alpha / r) B A dropout(x). B starts at zero: the adapted model starts as the base. Export: the
-adapters merged into plain weights, or alone in PEFT's layout (`PeftModel.from_pretrained(base, folder)`)."""
+layer computes W x + (alpha / r) B A dropout(x). B starts at zero: the adapted model starts as the base. QLoRA: W
+stored in NF4 (pipeline/quant.py). Export: the adapters merged into plain weights, or alone in PEFT's layout
+(`PeftModel.from_pretrained(base, folder)`)."""
 import json
 import math
 from pathlib import Path
@@ -15,10 +16,14 @@ from pipeline.common import UserError
 from pipeline.config import LoraConfig
 from pipeline.hf import MODULES, to_hf_name
 from pipeline.model import Transformer
+from pipeline.quant import is_nf4, nf4_linear, nf4_weight, store_nf4
 
 TARGETS = {hf.rpartition(".")[2]: ours for ours, hf in MODULES.items()
            if ours.startswith(("attn.", "mlp.")) and not ours.endswith("_norm")}  # q_proj -> attn.q, ...
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CARD = "adapter_config.json", "adapter_model.safetensors", "README.md"
+# what a QLoRA adapter was trained against, in transformers' BitsAndBytesConfig terms (PEFT's model card lists these)
+NF4_BASE = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
 
 
 class LoraLinear(nn.Linear):
@@ -39,13 +44,18 @@ class LoraLinear(nn.Linear):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def frozen_weight(self) -> torch.Tensor:
+        """W as the forward applies it: dequantized (fp32) when stored in NF4."""
+        return nf4_weight(self, torch.float32) if is_nf4(self) else self.weight
+
     def delta(self) -> torch.Tensor:
         """The update of the weight, (out, in): scale * B A."""
         return self.scale * self.lora_B @ self.lora_A
 
     def forward(self, x):
         rows = self.dropout(x).reshape(-1, self.in_features) @ self.lora_A.t()  # (N, r)
-        out = F.linear(x, self.weight, self.bias).reshape(-1, self.out_features)
+        out = nf4_linear(x, self) if is_nf4(self) else F.linear(x, self.weight, self.bias)
+        out = out.reshape(-1, self.out_features)
         # W x + scale (A x) B^T in one GEMM that adds into W x: no (N, out) temporaries for the scale and the sum
         return torch.addmm(out, rows, self.lora_B.t(), alpha=self.scale).view(*x.shape[:-1], self.out_features)
 
@@ -58,15 +68,20 @@ def targeted(model: Transformer, targets: list[str]) -> dict[str, nn.Linear]:
             and name.startswith("blocks.")}
 
 
-def add_adapters(model: Transformer, cfg: LoraConfig, seed: int) -> int:
-    """Freeze every weight of `model` and put adapters on cfg.targets (seeded init); returns the adapter parameter
-    count. The model keeps its parameter names; the new ones end in .lora_A and .lora_B."""
+def add_adapters(model: Transformer, cfg: LoraConfig, seed: int, device=None) -> int:
+    """Freeze every weight of `model` and put adapters on cfg.targets (seeded init); with cfg.quantize nf4 the frozen
+    weights of those projections are quantized, on `device` (default: where they are; the GPU spares the host the
+    work), and stay there. Returns the adapter parameter count. The model keeps its parameter names; the new ones end
+    in .lora_A and .lora_B."""
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, linear in targeted(model, cfg.targets).items():
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, LoraLinear(linear, cfg.rank, cfg.alpha, cfg.dropout, generator))
+        lora = LoraLinear(linear, cfg.rank, cfg.alpha, cfg.dropout, generator)
+        if cfg.quantize == "nf4":
+            store_nf4(lora, device)
+        setattr(model.get_submodule(parent), leaf, lora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -93,7 +108,9 @@ def peft_name(name: str) -> str:
 
 
 def save_adapter(tensors: dict[str, torch.Tensor], cfg: LoraConfig, folder: str, base: str) -> None:
-    """The adapters in PEFT's layout: adapter_config.json and adapter_model.safetensors (fp32)."""
+    """The adapters in PEFT's layout: adapter_config.json and adapter_model.safetensors (fp32). A QLoRA adapter
+    says so in both the config (base_model_quantization: PEFT ignores the key, with a warning) and a README.md, in
+    the words PEFT's own card uses."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     save_file({peft_name(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()},
@@ -102,7 +119,18 @@ def save_adapter(tensors: dict[str, torch.Tensor], cfg: LoraConfig, folder: str,
               "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets),
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
               "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
+    if cfg.quantize == "nf4":
+        config["base_model_quantization"] = NF4_BASE
+        (path / ADAPTER_CARD).write_text(nf4_card(base))
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def nf4_card(base: str) -> str:
+    lines = "\n".join(f"- {k}: {v}" for k, v in NF4_BASE.items())
+    return (f"---\nlibrary_name: peft\nbase_model: {base}\n---\n\n# QLoRA adapter\n\nTrained against an NF4 "
+            "(4-bit NormalFloat, double quantization) copy of the base model. The following `bitsandbytes` "
+            f"quantization config was used during training:\n{lines}\n\nLoad it onto the base in bf16 or fp32 "
+            "(the merged model of this run was made that way), or onto the base loaded with that config.\n")
 
 
 def load_adapter(folder: str) -> tuple[dict[str, torch.Tensor], LoraConfig]:
@@ -113,7 +141,8 @@ def load_adapter(folder: str) -> tuple[dict[str, torch.Tensor], LoraConfig]:
                         f"{ADAPTER_WEIGHTS}")
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     cfg = LoraConfig(rank=config["r"], alpha=float(config["lora_alpha"]), dropout=float(config["lora_dropout"]),
-                     targets=list(config["target_modules"]))
+                     targets=list(config["target_modules"]),
+                     quantize="nf4" if config.get("base_model_quantization") else "none")
     ours = {}
     for key, t in load_file(str(path / ADAPTER_WEIGHTS)).items():
         hf_module, _, leaf = key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".")

@@ -1,8 +1,11 @@
-"""A memory plan before anything heavy: architecture + train params -> bytes per rank (weights, gradients, AdamW
-state: exact, for full or LoRA training, DDP or FSDP; one micro-batch's activations with and without checkpointing:
+"""A memory plan before anything heavy: architecture + train params -> bytes per rank (weights, gradients, optimizer
+state: exact, for full, LoRA or QLoRA (NF4) training, AdamW or 8-bit AdamW, DDP or FSDP, on the device or offloaded
+to host memory; one micro-batch's activations with and without checkpointing and the loss's backward peak:
 estimated, within ACTIVATION_FACTOR = 1.5x either way of what a CPU forward keeps, measured_activation_bytes), checked
-against the device's free memory: a run that cannot fit stops in one line naming what would."""
+against the device's free memory and the host's: a run that cannot fit stops in one line naming the cheapest
+combination of settings that would."""
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -10,14 +13,26 @@ import re
 import torch
 
 from pipeline.common import Compute, UserError, print0
-from pipeline.config import LoraConfig
+from pipeline.config import LoraConfig, ParamError
 from pipeline.lora import TARGETS
 from pipeline.model import Architecture
+from pipeline.quant import adamw8bit_bytes, nf4_bytes
 
 GIB = 2**30
 ACTIVATION_FACTOR = 1.5  # planned / measured activations, either way, on the configurations tests/test_memory.py runs
 FIT_RANK = 16  # the LoRA rank check_fit proposes
 FIT_WORLDS = (2, 4, 8)  # the FSDP process counts check_fit tries
+# what each change check_fit may propose costs, to rank the combinations that fit: the run's speed and how far the
+# result moves from the one asked for
+FIT_COSTS = {"activation_checkpointing": 1,  # ~30% more compute, the same result
+             "batch": 1,  # more, smaller micro-batches: the same rows per step and result, less throughput
+             "optimizer": 2,  # 8-bit moments: nearly the same loss curve
+             "offload": 4,  # the optimizer step on the host, the weights over PCIe at every step: much slower
+             "lora": 5,  # adapters instead of every weight: another model (dearer than a slower run of the same)
+             "quantize": 2,  # on top of LoRA: the frozen base in 4 bits
+             "fsdp": 6}  # more GPUs
+AUTO_CHUNK = 8192  # loss_chunk: auto where free memory is unknown (the CPU)
+MIN_CHUNK = 512  # the smallest chunk auto tries
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -29,9 +44,10 @@ def gib(n: int) -> str:
 
 @dataclasses.dataclass
 class MemoryPlan:
-    weights: int  # bytes per rank: every parameter as it is held in training
+    weights: int  # bytes per rank: every parameter as it is held in training (NF4 ones with their quantization state)
     gradients: int  # bytes per rank: gradients of the trainable parameters (fp32)
-    optimizer: int  # bytes per rank: AdamW's exp_avg and exp_avg_sq (fp32) and its 4-byte `step` per tensor
+    optimizer: int  # bytes per rank: AdamW's exp_avg and exp_avg_sq (fp32) and its 4-byte `step` per tensor, or
+    # AdamW8bit's uint8 moments with their absmax and code tables
     activations: int  # estimated bytes one micro-batch keeps for backward, no activation checkpointing
     activations_checkpointed: int  # the same with activation checkpointing (block inputs + one block recomputed)
     checkpointing: bool  # which of the two the run uses
@@ -39,24 +55,44 @@ class MemoryPlan:
     block_size: int = 0
     device_type: str = "cpu"
     bf16: bool = False
+    loss_transient: int = 0  # the output layer's backward peak beyond what is kept: one more fp32 (chunk, vocab)
+    offloaded: bool = False  # weights, gradients and optimizer state in host memory, not on the device
+    nf4: int = 0  # of `weights`, the bytes stored in NF4 (codes and quantization state)
+    adamw8bit: bool = False  # `optimizer` is AdamW8bit's state
 
     def total(self) -> int:
+        """Bytes on the device."""
         used = self.activations_checkpointed if self.checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + used
+        return (0 if self.offloaded else self.host_state()) + used + self.loss_transient
+
+    def host_state(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def host(self) -> int:
+        """Bytes this rank keeps in host memory: the offloaded state (0 when not offloaded)."""
+        return self.host_state() if self.offloaded else 0
 
     def metrics(self) -> dict[str, float]:
-        """For reports/train/metrics.json: each figure in GiB (the total with the activations the run uses)."""
+        """For reports/train/metrics.json: each figure in GiB (the total with the activations the run uses; the host's
+        share when offloaded)."""
+        host = (("host", self.host()),) if self.offloaded else ()
         return {f"plan_{k}_gib": v / GIB for k, v in (
             ("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
             ("activations", self.activations), ("activations_checkpointed", self.activations_checkpointed),
-            ("total", self.total()))}
+            ("loss_transient", self.loss_transient), ("total", self.total()), *host)}
 
-    def line(self, free: int | None) -> str:
+    def line(self, free: int | None, host_free: int | None = None) -> str:
         where = "free: unknown (CPU)" if free is None else f"of {gib(free)} GiB free"
         used = ", used" if self.checkpointing else ""
-        return (f"memory plan per rank: weights {gib(self.weights)} GiB + gradients {gib(self.gradients)} + AdamW "
-                f"{gib(self.optimizer)} + activations {gib(self.activations)} (checkpointed: "
-                f"{gib(self.activations_checkpointed)}{used}) = {gib(self.total())} GiB {where}")
+        nf4 = f" ({gib(self.nf4)} of it NF4)" if self.nf4 else ""
+        state = (f"weights {gib(self.weights)} GiB{nf4} + gradients {gib(self.gradients)} + AdamW"
+                 f"{' 8-bit' if self.adamw8bit else ''} {gib(self.optimizer)}")
+        device = (f"activations {gib(self.activations)} (checkpointed: {gib(self.activations_checkpointed)}{used}) + "
+                  f"loss peak {gib(self.loss_transient)} = {gib(self.total())} GiB {where}")
+        if not self.offloaded:
+            return f"memory plan per rank: {state} + {device}"
+        host = "" if host_free is None else f" of {gib(host_free)} GiB available"
+        return f"memory plan per rank: {device}; offloaded to host memory: {state} = {gib(self.host())} GiB{host}"
 
 
 # ---- parameters: exact -----------------------------------------------------------------------------------------
@@ -96,12 +132,24 @@ def adapter_shapes(arch: Architecture, lora: LoraConfig) -> dict[str, tuple[int,
     return adapters
 
 
+def nf4_shapes(arch: Architecture, lora: LoraConfig | None) -> dict[str, tuple[int, ...]]:
+    """The weights QLoRA stores in NF4: those of the adapted projections (pipeline.lora.add_adapters)."""
+    if lora is None or lora.quantize != "nf4":
+        return {}
+    shapes = parameter_shapes(arch)
+    return {f"blocks.{i}.{TARGETS[t]}.weight": shapes[f"blocks.{i}.{TARGETS[t]}.weight"]
+            for i in range(arch.n_layer) for t in lora.targets}
+
+
 def held_tensors(arch: Architecture, lora: LoraConfig | None, half_base: bool) -> list[tuple[tuple, int, bool]]:
     """(shape, bytes per element, trainable) of every parameter training holds. LoRA freezes the base (bf16 when
-    half_base) and trains fp32 adapters; full training keeps everything in fp32 (autocast casts per matmul)."""
+    half_base) and trains fp32 adapters; full training keeps everything in fp32 (autocast casts per matmul). The
+    weights stored in NF4 are not listed (nf4_shapes)."""
     if lora is None:
         return [(shape, 4, True) for shape in parameter_shapes(arch).values()]
-    base = [(shape, 2 if half_base else 4, False) for shape in parameter_shapes(arch).values()]
+    quantized = nf4_shapes(arch, lora)
+    base = [(shape, 2 if half_base else 4, False) for name, shape in parameter_shapes(arch).items()
+            if name not in quantized]
     return base + [(shape, 4, True) for shape in adapter_shapes(arch, lora).values()]
 
 
@@ -193,23 +241,34 @@ class Forward:
         if fsdp:
             return 2 * arch.vocab_size * arch.n_embd
         n = 0
-        if self.base == 4:
+        if self.base == 4:  # NF4 weights are dequantized straight into the compute dtype, and not kept
+            quantized = nf4_shapes(arch, self.lora)
             n = sum(math.prod(s) for k, s in parameter_shapes(arch).items()
-                    if not k.endswith("norm.weight") and k != "embed.weight")
+                    if not k.endswith("norm.weight") and k != "embed.weight" and k not in quantized)
             n += arch.vocab_size * arch.n_embd if arch.tie_embeddings else 0  # lm_head multiplies by embed.weight
         if self.lora is not None:
             n += sum(math.prod(s) for s in adapter_shapes(arch, self.lora).values())
         return 2 * n
 
 
+    def dequantized(self) -> int:
+        """NF4: the one projection's dense weight, in the compute dtype, that forward or backward makes at a time."""
+        return max((math.prod(s) for s in nf4_shapes(self.arch, self.lora).values()), default=0) * self.compute
+
+
 def gathered_bytes(arch: Architecture, lora: LoraConfig | None, compute: int) -> int:
     """FSDP's transient full weights: the root's (embedding, final norm, lm_head) in fp32 (pipeline.distributed.shard
     keeps the residual stream's ends in fp32), kept gathered through the step, and two blocks' in the compute dtype
-    (the one running and the one prefetched). Not in `weights`, which stays the exact sharded parameters."""
+    (the one running and the one prefetched); and the fp32 gradients of the root's and one block's trained weights
+    before their reduce-scatter (and, offloaded, their copy to the host). Not in `weights` nor `gradients`, which stay
+    the exact sharded tensors."""
     shapes = parameter_shapes(arch) | (adapter_shapes(arch, lora) if lora is not None else {})
-    root = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("blocks."))
-    block = sum(math.prod(s) for k, s in shapes.items() if k.startswith("blocks.0."))
-    return root * 4 + 2 * block * compute
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    root = sum(n for k, n in sizes.items() if not k.startswith("blocks."))
+    block = sum(n for k, n in sizes.items() if k.startswith("blocks.0."))
+    grads = sum(n for k, n in sizes.items() if (lora is None or ".lora_" in k)
+                and (k.startswith("blocks.0.") or not k.startswith("blocks.")))
+    return root * 4 + 2 * block * compute + 4 * grads
 
 
 def activation_bytes(fwd: Forward, loss_chunk: int, fsdp: bool) -> tuple[int, int]:
@@ -217,30 +276,62 @@ def activation_bytes(fwd: Forward, loss_chunk: int, fsdp: bool) -> tuple[int, in
     for the recompute: x, and the RoPE tables and the mask all blocks share), and backward holds one recomputed
     block's activations at a time."""
     block, x = fwd.block(), fwd.rows * fwd.arch.n_embd * fwd.base
-    extra = fwd.outside(loss_chunk) + fwd.cast_copies(fsdp) + (gathered_bytes(fwd.arch, fwd.lora, fwd.compute)
-                                                               if fsdp else 0)
+    extra = fwd.outside(loss_chunk) + fwd.cast_copies(fsdp) + fwd.dequantized() + (
+        gathered_bytes(fwd.arch, fwd.lora, fwd.compute) if fsdp else 0)
     recomputed = block - (x if fwd.base == 4 else 0)  # an fp32 block input is the first norm's kept input
     mask = 0 if fwd.cuda else fwd.batch * fwd.tokens**2  # the dense bool mask, otherwise freed after the forward
     return extra + fwd.arch.n_layer * block, extra + fwd.arch.n_layer * x + recomputed + mask
 
 
 def plan_memory(arch: Architecture, cfg, block_size: int, world: int, device_type: str, bf16: bool) -> MemoryPlan:
-    """cfg: the train section (SftConfig) or pretraining's TrainConfig (no lora, no parallel: full training, DDP).
-    Weights, gradients and optimizer are the exact bytes of the tensors; activations an estimate."""
+    """cfg: the train section (SftConfig) or pretraining's TrainConfig (no lora, no parallel, no optimizer or offload
+    choice: full training with AdamW, DDP). Weights, gradients and optimizer are the exact bytes of the tensors;
+    activations and the loss peak an estimate. Offload moves the state to the host on CUDA; on the CPU it is where it
+    was already."""
     lora = getattr(cfg, "lora", None)
     lora = lora if lora is not None and lora.rank > 0 else None
-    fsdp = getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1
+    offload = getattr(cfg, "offload", "none") == "optimizer"
+    fsdp = (getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1) or offload  # offload: FSDP2, one process too
     shards = world if fsdp else 1
     half_base = lora is not None and device_type == "cuda" and bf16 and not fsdp  # FSDP: 4 / world bytes already
     held = held_tensors(arch, lora, half_base)
     trained = [local_elements(shape, shards) for shape, _, trains in held if trains]
-    weights = sum(local_elements(shape, shards) * size for shape, size, _ in held)
+    nf4 = sum(nf4_bytes(math.prod(shape)) for shape in nf4_shapes(arch, lora).values())  # never sharded
+    weights = sum(local_elements(shape, shards) * size for shape, size, _ in held) + nf4
+    eight = getattr(cfg, "optimizer", "adamw") == "adamw8bit"
+    # AdamW: exp_avg and exp_avg_sq like each (sharded) parameter, plus a 4-byte `step` tensor each, never sharded
+    optimizer = adamw8bit_bytes(trained) if eight else 8 * sum(trained) + 4 * len(trained)
+    chunk = loss_chunk_of(cfg)
     fwd = Forward(arch, lora, cfg.batch_size, block_size, 2 if bf16 else 4, 2 if half_base else 4,
                   device_type == "cuda")
-    activations, checkpointed = activation_bytes(fwd, cfg.loss_chunk, fsdp)
-    # AdamW: exp_avg and exp_avg_sq like each (sharded) parameter, plus a 4-byte `step` tensor each, never sharded
-    return MemoryPlan(weights, 4 * sum(trained), 8 * sum(trained) + 4 * len(trained), activations, checkpointed,
-                      cfg.activation_checkpointing, block_size, device_type, bf16)
+    activations, checkpointed = activation_bytes(fwd, chunk, fsdp)
+    rows = cfg.batch_size * block_size  # the most trained positions a micro-batch can have
+    transient = (chunk if 0 < chunk < rows else rows) * arch.vocab_size * 4
+    return MemoryPlan(weights, 4 * sum(trained), optimizer, activations, checkpointed, cfg.activation_checkpointing,
+                      block_size, device_type, bf16, transient, offload and device_type == "cuda", nf4, eight)
+
+
+def loss_chunk_of(cfg) -> int:
+    """cfg.loss_chunk as a number: AUTO_CHUNK for an auto that sized_loss_chunk has not sized."""
+    return AUTO_CHUNK if cfg.loss_chunk == "auto" else cfg.loss_chunk
+
+
+def sized_loss_chunk(arch: Architecture, cfg, block_size: int, world: int, device_type: str, bf16: bool,
+                     free: int | None):
+    """cfg with loss_chunk auto made a number: all a micro-batch's trained positions in one piece (0) when that fits
+    `free`, else the largest power of two of them that does (down to MIN_CHUNK, which stays when none fits: check_fit
+    then says what would); AUTO_CHUNK when free memory is unknown. A number stays as it is."""
+    if cfg.loss_chunk != "auto":
+        return cfg
+    if free is None:
+        return dataclasses.replace(cfg, loss_chunk=AUTO_CHUNK)
+    rows = cfg.batch_size * block_size
+    tried = [0] + [2**k for k in range(rows.bit_length() - 1, MIN_CHUNK.bit_length() - 2, -1) if 2**k < rows]
+    for chunk in tried:
+        sized = dataclasses.replace(cfg, loss_chunk=chunk)
+        if plan_memory(arch, sized, block_size, world, device_type, bf16).total() <= free:
+            return sized
+    return dataclasses.replace(cfg, loss_chunk=MIN_CHUNK)
 
 
 def measured_activation_bytes(model: torch.nn.Module, *inputs) -> int:
@@ -262,11 +353,11 @@ def measured_activation_bytes(model: torch.nn.Module, *inputs) -> int:
 
 
 # ---- the device ------------------------------------------------------------------------------------------------
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, name: str = "SFT_DEVICE_MEMORY") -> int:
     """'24GiB', '80 GB', '1.5TiB' or a plain byte count."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", text.lower())
     if m is None:
-        raise UserError(f"SFT_DEVICE_MEMORY={text!r} is not a size; write it as 24GiB, 80GB or a byte count")
+        raise UserError(f"{name}={text!r} is not a size; write it as 24GiB, 80GB or a byte count")
     return int(float(m.group(1)) * UNITS[m.group(2) or ""])
 
 
@@ -281,58 +372,132 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def alternatives(plan: MemoryPlan, free: int, cfg, world: int, arch: Architecture) -> list[str]:
-    """The overrides that make the run fit, each alone, in the order check_fit proposes them (at most 4)."""
-    def fits(new_cfg, new_world: int = world) -> bool:
-        return plan_memory(arch, new_cfg, plan.block_size, new_world, plan.device_type, plan.bf16).total() <= free
+def host_free_bytes() -> int | None:
+    """Host memory available for offloaded state: SFT_HOST_MEMORY when set, else the kernel's MemAvailable (Linux);
+    None when unknown."""
+    faked = os.environ.get("SFT_HOST_MEMORY", "")
+    if faked.strip():
+        return parse_bytes(faked, "SFT_HOST_MEMORY")
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
-    section = "train" if hasattr(cfg, "lora") else "base.pretrain"  # SFT's section, or pretraining's
+
+def local_processes(world: int) -> int:
+    """Ranks sharing this machine's host memory (torchrun's LOCAL_WORLD_SIZE; all of them otherwise)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+# ---- what would fit --------------------------------------------------------------------------------------------
+def choices(cfg, world: int) -> list[list[tuple[float, tuple[str, ...], dict]]]:
+    """Per setting check_fit may change, the options: (cost, `-S` overrides, fields; lora.* for the adapters), the
+    run's own first. Pretraining (base.pretrain) has only activation checkpointing and the batch split."""
+    sft = hasattr(cfg, "lora")
+    section = "train" if sft else "base.pretrain"
+    keep = (0, (), {})
     found = []
-    if not cfg.activation_checkpointing and fits(dataclasses.replace(cfg, activation_checkpointing=True)):
-        found.append(f"{section}.activation_checkpointing=true")
-    lora = getattr(cfg, "lora", None)
-    if lora is not None and lora.rank == 0 and fits(dataclasses.replace(cfg, lora=dataclasses.replace(
-            lora, rank=FIT_RANK))):
-        found.append(f"train.lora.rank={FIT_RANK}")
-    rows = cfg.batch_size * cfg.grad_accum
+    if not cfg.activation_checkpointing:
+        found.append([keep, (FIT_COSTS["activation_checkpointing"], (f"{section}.activation_checkpointing=true",),
+                             {"activation_checkpointing": True})])
+    rows = cfg.batch_size * cfg.grad_accum  # rows per optimizer step unchanged, so the same training
     smaller = [b for b in (2**k for k in range(cfg.batch_size.bit_length())) if b < cfg.batch_size and rows % b == 0]
-    batch = next((b for b in reversed(smaller) if fits(dataclasses.replace(cfg, batch_size=b,
-                                                                            grad_accum=rows // b))), None)
-    if batch is not None:  # rows per optimizer step unchanged, so the same training
-        found.append(f"{section}.batch_size={batch} with {section}.grad_accum={rows // batch}")
-    if hasattr(cfg, "parallel"):
-        fsdp = cfg.parallel == "fsdp" and world > 1
-        n = next((n for n in FIT_WORLDS if n > (world if fsdp else 1)
-                  and fits(dataclasses.replace(cfg, parallel="fsdp"), n)), None)
-        if n is not None:
-            found.append(f"train.nproc={n}" if fsdp else f"train.parallel=fsdp with train.nproc={n}")
-    return found[:4]
+    found.append([keep] + [(FIT_COSTS["batch"] + (cfg.batch_size // b).bit_length() / 100,  # the larger the cheaper
+                            (f"{section}.batch_size={b}", f"{section}.grad_accum={rows // b}"),
+                            {"batch_size": b, "grad_accum": rows // b}) for b in smaller])
+    if not sft:
+        return found
+    if cfg.optimizer == "adamw":
+        found.append([keep, (FIT_COSTS["optimizer"], ("train.optimizer=adamw8bit",), {"optimizer": "adamw8bit"})])
+    if cfg.offload == "none":
+        found.append([keep, (FIT_COSTS["offload"], ("train.offload=optimizer",), {"offload": "optimizer"})])
+    else:  # the host is short: the device may hold the state after all
+        found.append([keep, (0.5, ("train.offload=none",), {"offload": "none"})])
+    if cfg.lora.rank == 0:
+        found.append([keep, (FIT_COSTS["lora"], (f"train.lora.rank={FIT_RANK}",), {"lora.rank": FIT_RANK})])
+    if cfg.lora.quantize == "none":
+        found.append([keep, (FIT_COSTS["quantize"], ("train.lora.quantize=nf4",), {"lora.quantize": "nf4"})])
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    found.append([keep] + [(FIT_COSTS["fsdp"] + n.bit_length() / 100,
+                            (f"train.nproc={n}",) if fsdp else ("train.parallel=fsdp", f"train.nproc={n}"),
+                            {"parallel": "fsdp", "nproc": n}) for n in FIT_WORLDS if n > (world if fsdp else 1)])
+    return found
 
 
-def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture) -> None:
-    """Nothing when the plan fits `free` (or free is unknown); else a one-line UserError: the shortfall and each
-    override that would fit alone."""
-    if free is None or plan.total() <= free:
+def changed(cfg, fields: dict):
+    """cfg with `fields` set (lora.* in its adapters), or None where the combination does not run (ParamError)."""
+    lora = {k.removeprefix("lora."): v for k, v in fields.items() if k.startswith("lora.")}
+    top = {k: v for k, v in fields.items() if not k.startswith("lora.")}
+    try:
+        return dataclasses.replace(cfg, **top, **({"lora": dataclasses.replace(cfg.lora, **lora)} if lora else {}))
+    except ParamError:
+        return None
+
+
+def alternatives(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture,
+                 host_free: int | None = None, most: int = 3) -> list[tuple[str, ...]]:
+    """The combinations of changes that make the run fit the device's `free` bytes and the host's `host_free` (None:
+    unchecked), cheapest first (FIT_COSTS summed, then fewer changes), none a superset of one listed before: at most
+    `most`."""
+    combos = sorted(itertools.product(*choices(cfg, world)),
+                    key=lambda c: (sum(o[0] for o in c), sum(len(o[1]) for o in c)))
+    found = []
+    for combo in combos:
+        overrides = tuple(o for option in combo for o in option[1])
+        if not overrides or any(set(f) <= set(overrides) for f in found):
+            continue
+        fields = {k: v for option in combo for k, v in option[2].items()}
+        new = changed(cfg, fields)
+        n = fields.get("nproc", world)
+        if new is not None and fits(plan_memory(arch, new, plan.block_size, n, plan.device_type, plan.bf16), free,
+                                    host_free, n if "nproc" in fields else local_processes(world)):
+            found.append(overrides)
+            if len(found) == most:
+                break
+    return found
+
+
+def fits(plan: MemoryPlan, free: int | None, host_free: int | None, local: int) -> bool:
+    return (free is None or plan.total() <= free) and (host_free is None or plan.host() * local <= host_free)
+
+
+def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture,
+              host_free: int | None = None) -> None:
+    """Nothing when the plan fits the device's `free` bytes (or free is unknown) and its offloaded state the host's
+    `host_free` (None: unchecked); else a one-line UserError: the shortfall and the cheapest combinations of
+    overrides that would fit, as a dvc exp run command."""
+    local = local_processes(world)
+    if fits(plan, free, host_free, local):
         return
-    need = plan.total()
-    found = alternatives(plan, free, cfg, world, arch)
-    head = f"training needs ~{gib(need)} GiB per rank but {gib(free)} GiB is free (short by {gib(need - free)} GiB)"
+    need, host = plan.total(), plan.host() * local
+    if free is not None and need > free:
+        head = f"training needs ~{gib(need)} GiB per rank but {gib(free)} GiB is free (short by {gib(need - free)} GiB)"
+    else:
+        head = (f"the offloaded training state needs ~{gib(host)} GiB of host memory ({local} process(es)) but "
+                f"{gib(host_free)} GiB is available (short by {gib(host - host_free)} GiB)")
+    found = alternatives(plan, free, cfg, world, arch, host_free)
     if found:
-        raise UserError(f"{head}; would fit, each alone (dvc exp run -S): {'; '.join(found)}")
-    tried = ["activation checkpointing", f"LoRA rank {FIT_RANK}", "a smaller batch",
-             f"FSDP over up to {FIT_WORLDS[-1]} processes"] if hasattr(cfg, "lora") else [
-             "activation checkpointing", "a smaller batch"]
-    raise UserError(f"{head}; none of {', '.join(tried)} fits alone: use a device with more memory")
+        first, *others = (" ".join(f"-S {o}" for o in combo) for combo in found)
+        also = f" (else: {'; '.join(others)})" if others else ""
+        raise UserError(f"{head}; cheapest that fits: dvc exp run {first}{also}")
+    tried = ["activation checkpointing", "a smaller batch"] + ([
+        "8-bit AdamW", "optimizer offload", f"LoRA rank {FIT_RANK}", "NF4 (QLoRA)",
+        f"FSDP over up to {FIT_WORLDS[-1]} processes"] if hasattr(cfg, "lora") else [])
+    raise UserError(f"{head}; nothing fits with any combination of {', '.join(tried)}: use a device with more memory")
 
 
-def plan_and_check(arch: Architecture, cfg, block_size: int, compute: Compute, desc: str) -> MemoryPlan:
-    """The plan of this process's share of the run (torchrun's WORLD_SIZE; this rank's GPU), printed, and checked
-    against the device's free memory before anything heavy is loaded: a run that cannot fit stops in one line."""
+def plan_and_check(arch: Architecture, cfg, block_size: int, compute: Compute, desc: str):
+    """(cfg with loss_chunk auto made a number, the plan) of this process's share of the run (torchrun's WORLD_SIZE;
+    this rank's GPU), printed, and checked against the device's free memory and, for offloaded state, the host's,
+    before anything heavy is loaded: a run that cannot fit stops in one line naming what would."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
         else compute.device
-    plan = plan_memory(arch, cfg, block_size, world, device.type, compute.autocast_dtype is not None)
-    free = device_free_bytes(device)
-    print0(f"{desc}: {plan.line(free)}")
-    check_fit(plan, free, cfg, world, arch)
-    return plan
+    bf16 = compute.autocast_dtype is not None
+    free, host_free = device_free_bytes(device), host_free_bytes()
+    cfg = sized_loss_chunk(arch, cfg, block_size, world, device.type, bf16, free)  # loss_chunk: auto -> a number
+    plan = plan_memory(arch, cfg, block_size, world, device.type, bf16)
+    print0(f"{desc}: {plan.line(free, host_free if plan.offloaded else None)}")
+    check_fit(plan, free, cfg, world, arch, host_free)
+    return cfg, plan

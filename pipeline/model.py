@@ -172,9 +172,13 @@ class Attention(nn.Module):
 
 
 def weight_of(linear: nn.Linear) -> torch.Tensor:
-    """A projection's weight as its forward applies it: with a LoRA adapter (pipeline/lora.py), W plus the update."""
+    """A projection's weight as its forward applies it: with a LoRA adapter (pipeline/lora.py), W (dequantized when
+    stored in NF4) plus the update."""
     delta = getattr(linear, "delta", None)
-    return linear.weight if delta is None else (linear.weight.float() + delta()).to(linear.weight.dtype)
+    if delta is None:
+        return linear.weight
+    frozen = linear.frozen_weight()
+    return (frozen.float() + delta()).to(frozen.dtype)
 
 
 def neftune(x: torch.Tensor, doc: torch.Tensor | None, alpha: float) -> torch.Tensor:

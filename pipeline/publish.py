@@ -91,6 +91,10 @@ def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, 
     lora = params.get("train", {}).get("lora") or {}
     how = (f"Fine-tuned with LoRA (rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}); "
            "the adapters are merged into these weights." if lora.get("rank") else "Every weight was fine-tuned.")
+    if lora.get("rank") and lora.get("quantize") == "nf4":
+        how += (" QLoRA: the adapters were trained against an NF4 base (bitsandbytes 4-bit NormalFloat, double "
+                "quantization, bf16 compute) and merged onto the base's original weights, not onto the "
+                "dequantized NF4 ones.")
     provenance = "\n".join(f"- `{path}`: sha256 `{digest}`" for path, digest in data.items())
     lock = lock_provenance()
     if lock:

@@ -1,7 +1,7 @@
 """The train stage's work (SFT): the base model folder fine-tuned on packed conversations (in full, or LoRA
 adapters), with a dev loss and a small generation check on dev prompts at every evaluation, saved as a model folder
 (LoRA: the adapters merged) and, with LoRA, the adapter alone in PEFT's layout. A memory plan from config.json comes
-first: a run that cannot fit the GPU stops before the model is loaded."""
+first: a run that cannot fit the GPU (or, offloaded, the host) stops before the model is loaded."""
 import os
 from pathlib import Path
 
@@ -33,18 +33,20 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
     compute = setup_compute(cfg.device, cfg.dtype)
     train_rows, dev = load_packed(f"{packed}/train"), load_packed(f"{packed}/dev")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
+        else compute.device
     arch = architecture(read_config(base), f"{base}/config.json")
     # before anything heavy: a run that cannot fit stops in one line naming what would
-    plan = plan_and_check(arch, cfg, train_rows["ids"].shape[1], compute, "sft")
+    cfg, plan = plan_and_check(arch, cfg, train_rows["ids"].shape[1], compute, "sft")
     model = load_model(base)
-    if cfg.lora.rank:
-        add_adapters(model, cfg.lora, cfg.seed)
+    if cfg.lora.rank:  # QLoRA: the base quantized on the GPU, one projection at a time
+        add_adapters(model, cfg.lora, cfg.seed, device)
     torch.manual_seed(cfg.seed + int(os.environ.get("RANK", "0")))  # dropout and NEFTune: each rank its own draws
     # a small generation evaluation on dev prompts at every eval point; sample answers go next to the curves
     evaluator = make_train_evaluator(tok, dev, during, compute, live_dir if out is not None else None)
     summary = train(cfg, model, compute, train_rows, dev, live_dir, "sft", evaluator, ckpt_dir=ckpt_dir, plan=plan)
     print0(f"sft: {summary}")
-    sharded = cfg.parallel == "fsdp" and world > 1
+    sharded = (cfg.parallel == "fsdp" and world > 1) or cfg.offload == "optimizer"
     weights = trained_weights(model) if cfg.lora.rank or sharded else None  # FSDP: gathered to rank 0
     if out is None:
         return summary

@@ -23,10 +23,19 @@ from tqdm import tqdm
 
 from pipeline.common import Compute, UserError, atomic_file, is_rank0, print0
 from pipeline.config import TrainConfig
-from pipeline.distributed import all_reduce_sum, gather_full, init_distributed, local, shard, sharded_like
-from pipeline.memory import MemoryPlan, device_free_bytes, plan_memory
+from pipeline.distributed import (
+    all_reduce_sum,
+    gather_full,
+    init_distributed,
+    local,
+    one_process_group,
+    shard,
+    sharded_like,
+)
+from pipeline.memory import MemoryPlan, device_free_bytes, loss_chunk_of, plan_memory, sized_loss_chunk
 from pipeline.model import Transformer, enable_flex, flex_available, trained_targets
 from pipeline.pack import ARRAYS
+from pipeline.quant import adamw8bit, is_nf4
 from pipeline.remote import Uploader, finish, open_store
 
 
@@ -46,15 +55,23 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
     return cfg.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """A fresh AdamW over the trained parameters; weight decay on matrices only, never on norm gains nor on LoRA's
-    adapters (decay would pull the update B A towards zero, towards the base). Fused kernel on CUDA."""
+    adapters (decay would pull the update B A towards zero, towards the base). Fused kernel on CUDA (not with the
+    state offloaded: the step runs on the host). train.optimizer adamw8bit: bitsandbytes' 8-bit moments."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and ".lora_" not in n]
     no_decay = [p for n, p in params if p.dim() < 2 or ".lora_" in n]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if getattr(cfg, "optimizer", "adamw") == "adamw8bit":
+        return adamw8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type == "cuda" and not offloaded(cfg))
+
+
+def offloaded(cfg: TrainConfig) -> bool:
+    """train.offload optimizer: FSDP2 with its CPU offload, also on one process."""
+    return getattr(cfg, "offload", "none") == "optimizer"
 
 
 def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -193,7 +210,7 @@ def configure(model: Transformer, cfg: TrainConfig, compute: Compute, sharded: b
     passes of training (packed rows all have block_size tokens; generation keeps the plain blocks), TF32
     (setup_compute). Everywhere: chunked output-layer loss, optional activation checkpointing. The CPU keeps SDPA
     with a boolean mask (FlexAttention has no CPU backward) and eager mode."""
-    model.loss_chunk = cfg.loss_chunk
+    model.loss_chunk = loss_chunk_of(cfg)  # train() sizes an auto one first
     model.checkpointing = cfg.activation_checkpointing
     model.neftune_alpha = getattr(cfg, "neftune_alpha", 0.0)  # SFT only (pretraining has no such param)
     model.use_flex = flex_available(compute.device)
@@ -208,13 +225,15 @@ def configure(model: Transformer, cfg: TrainConfig, compute: Compute, sharded: b
 # ---- resume ---------------------------------------------------------------------------------------------------
 NOT_FINGERPRINTED = ("eval_every", "log_every", "save_every", "max_bad_steps", "wandb_project",
                      "activation_checkpointing", "save_dtype", "max_shard_gb", "remote_checkpoints",
-                     "remote_keep")  # never change the trained weights
+                     "remote_keep")  # never change the trained weights (lora.quantize, optimizer, offload and the
+# loss_chunk auto chose do: they stay in)
 
 
 def fingerprint(cfg: TrainConfig, model: Transformer, arrays: dict, world: int) -> str:
     """What a resume checkpoint must match: the params that shape the weights, the process count, the packed
     rows and the starting weights."""
     h = hashlib.sha256()
+    cfg = dataclasses.replace(cfg, loss_chunk=loss_chunk_of(cfg))  # the chunk the loss uses, not `auto`
     kept = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     h.update(json.dumps(kept | {"world": world}, sort_keys=True).encode())
     for name in ARRAYS:
@@ -284,15 +303,22 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     (rerunning after a crash continues from it). plan: the memory plan, written to the metrics with the peak."""
     world, rank, compute = init_distributed(compute)
     device = compute.device
-    sharded = getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1
+    sharded = (getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1) or offloaded(cfg)
     if sharded and cfg.remote_checkpoints:
-        raise UserError("train.remote_checkpoints with parallel: fsdp is not supported yet (the checkpoint is one "
-                        "file per rank); set remote_checkpoints: false or parallel: ddp")
+        raise UserError("train.remote_checkpoints with parallel: fsdp or offload: optimizer is not supported yet (the "
+                        "checkpoint is one file per rank); set remote_checkpoints: false, or parallel: ddp and "
+                        "offload: none")
+    if offloaded(cfg) and world == 1:
+        one_process_group(device)  # FSDP2's offload wants a process group, even of one process
+    if cfg.loss_chunk == "auto":  # the chosen size shapes the sums, so the fingerprint holds it, not `auto`
+        cfg = sized_loss_chunk(model.arch, cfg, train_data["ids"].shape[1], world, device.type,
+                               compute.autocast_dtype is not None, device_free_bytes(device))
     if plan is None:
         plan = plan_memory(model.arch, cfg, train_data["ids"].shape[1], world, device.type,
                            compute.autocast_dtype is not None)
         print0(f"{desc}: {plan.line(device_free_bytes(device))}")
     n_params, n_trainable = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params += sum(m.in_features * m.out_features for m in model.modules() if is_nf4(m))  # NF4: buffers
     n_rows = len(train_data["ids"])
     n_steps = total_steps(cfg, n_rows, world)
     start, skipped, bad_in_row, summary = 0, 0, 0, {}
@@ -303,7 +329,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
     if device.type == "cuda" and compute.autocast_dtype is not None and not sharded:
         frozen_to(model, compute.autocast_dtype)
     if sharded:
-        shard(model, compute, world)  # fully_shard moves each module's shard to the device
+        shard(model, compute, world, offloaded(cfg))  # fully_shard moves each module's shard to the device
     else:
         model.to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -315,7 +341,9 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
     configure(model, cfg, compute, sharded)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
+    # no buffer broadcast at each forward: ours (RoPE rates, NF4 codes) never change
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 and \
+        not sharded else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(train_data, cfg, device, world, rank, skip=start * cfg.grad_accum)
     log, close = make_logger(live_dir, cfg, dataclasses.asdict(cfg) | {"n_steps": n_steps, "world": world,
@@ -325,7 +353,12 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
            f"{cfg.batch_size * cfg.grad_accum * world} rows on {world} x {device}{' (FSDP)' if sharded else ''} "
            f"({compute.autocast_dtype or torch.float32})")
     if evaluator is not None and sharded:
-        print0(f"{desc}: no generation during training under parallel: fsdp (dev loss only); evaluate scores it")
+        print0(f"{desc}: no generation during training under FSDP (parallel: fsdp, offload: optimizer; dev loss "
+               "only); evaluate scores it")
+        evaluator = None
+    if evaluator is not None and getattr(getattr(cfg, "lora", None), "quantize", "none") == "nf4":
+        # generation fuses dense q, k, v, gate and up weights for the whole model: what NF4 saves, it would spend
+        print0(f"{desc}: no generation during training with lora.quantize: nf4 (dev loss only); evaluate scores it")
         evaluator = None
     tty = sys.stdout.isatty()
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not tty or rank != 0, dynamic_ncols=True)
@@ -351,6 +384,7 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        grad_norm = grad_norm.to(loss_sum.device)  # offload: the gradients, so their norm, are on the host
         # the next step's rows go to the device while it works on this one (nothing above waited for it)
         upcoming = [next(batches) for _ in range(cfg.grad_accum)] if step + 1 < n_steps else []
         # the step's one read of the device: the skip decision and the log line need these four numbers
@@ -412,7 +446,7 @@ def peak_memory(device: torch.device) -> int:
 def frozen_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Frozen parameters (a LoRA base) held in `dtype`; trained ones stay fp32, the master weights."""
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
 
 

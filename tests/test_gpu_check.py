@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 # what this project installs that a GPU machine's own Python does not have (it has torch, triton, numpy, pyyaml,
 # pyarrow, tqdm, safetensors, tokenizers, jinja2, transformers, peft)
 MISSING_ON_GPU_MACHINE = ("dvc", "dvc_s3", "dvclive", "wandb", "gguf", "rouge_score", "matplotlib", "sacrebleu",
-                          "psutil", "moto", "accelerate")
+                          "psutil", "moto", "accelerate", "bitsandbytes")
 BLOCKER = f'''import sys
 
 class Blocker:  # a GPU machine's Python: these packages are not installed
@@ -28,7 +28,7 @@ sys.meta_path.insert(0, Blocker())
 '''
 CPU = ["compiled-blocks", "attention-dtypes", "flex-vs-sdpa-bf16", "generation-without-recompiles", "ddp-resume",
        "fsdp-vs-one"]
-CUDA_ONLY = ["speed-124m", "fused-adamw", "lora-bf16-base"]
+CUDA_ONLY = ["speed-124m", "fused-adamw", "lora-bf16-base", "qlora-8bit-offload"]
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ from tests.conftest import config, tiny_model
 from tests.test_resume import TRAIN, finish, kill_after_checkpoint, make_workdir, packed, stage
 
 CPU = setup_compute("cpu", "float32")
-LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                  quantize="none")
 
 
 @pytest.fixture

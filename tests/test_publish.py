@@ -109,6 +109,10 @@ def test_card_shows_intervals_and_dvc_lock_provenance(tok, tmp_path, monkeypatch
     lora = {"train": {"lora": {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}}}
     card = model_card(config("publish"), str(tmp_path / "model"), metrics, lora, {})
     assert "Fine-tuned with LoRA (rank 16, alpha 32.0, on q_proj, v_proj); the adapters are merged" in card
+    assert "NF4" not in card
+    lora["train"]["lora"]["quantize"] = "nf4"
+    card = model_card(config("publish"), str(tmp_path / "model"), metrics, lora, {})
+    assert "QLoRA: the adapters were trained against an NF4 base" in card and "not onto the dequantized" in card
 
 
 TOKEN = "hf_TestSecretToken0123456789abcdef"
