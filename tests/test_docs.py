@@ -166,7 +166,7 @@ def anchors(path: Path) -> set[str]:
 
 # ---- params -----------------------------------------------------------------------------------------------------
 
-SET_PARAM = re.compile(r"(?:^|[\s`(])-S\s+(['\"]?)\+?([A-Za-z_][\w.]*)=([^\s'\"`]*)\1")
+SET_PARAM = re.compile(r"(?:^|[\s`(])-S\s+(['\"]?)\+?([A-Za-z_][\w.]*)=([^\s'\"`);]*)\1")
 DOTTED = re.compile(r"(?<![\w./$-])([a-z_][a-z0-9_]*(?:\.[A-Za-z_][\w]*)+)(?![\w/(-])")  # `model.f(` is code
 
 
@@ -176,11 +176,12 @@ def set_params(text: str) -> list[tuple[str, str]]:
 
 def test_every_set_param_names_a_param_and_its_value_loads(tmp_path):
     """`-S key=value` in a command or in prose: the key is in params.yaml (top-level `lr` included) and the values
-    of one line, applied together as DVC applies them, load in every section (a sweep `a,b` is tried value by
-    value)."""
+    of one command, applied together as DVC applies them, load in every section (a sweep `a,b` is tried value by
+    value). A line holding several commands (check_fit's advice: `... (else: ...; ...)`) is split at `;` and
+    `(else:`."""
     found, wrong = 0, []
     for page in PAGES:
-        lines = [(n, line) for n, line in prose(page)] + command_lines(page)
+        lines = [(n, part) for n, line in prose(page) + command_lines(page) for part in re.split(r";|\(else:", line)]
         for number, line in lines:
             pairs = set_params(line)
             found += len(pairs)
