@@ -281,10 +281,12 @@ def device_free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def alternatives(plan: MemoryPlan, free: int, cfg, world: int, arch: Architecture) -> list[str]:
-    """The overrides that make the run fit, each alone, in the order check_fit proposes them (at most 4)."""
+def alternatives(plan: MemoryPlan, free: int, cfg, world: int, arch: Architecture, planner=None) -> list[str]:
+    """The overrides that make the run fit, each alone, in the order check_fit proposes them (at most 4). planner:
+    plan_memory, or another backend's with the same arguments (pipeline/backend.py), `arch` what it plans from."""
     def fits(new_cfg, new_world: int = world) -> bool:
-        return plan_memory(arch, new_cfg, plan.block_size, new_world, plan.device_type, plan.bf16).total() <= free
+        return (planner or plan_memory)(arch, new_cfg, plan.block_size, new_world, plan.device_type,
+                                         plan.bf16).total() <= free
 
     section = "train" if hasattr(cfg, "lora") else "base.pretrain"  # SFT's section, or pretraining's
     found = []
@@ -309,13 +311,13 @@ def alternatives(plan: MemoryPlan, free: int, cfg, world: int, arch: Architectur
     return found[:4]
 
 
-def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture) -> None:
+def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture, planner=None) -> None:
     """Nothing when the plan fits `free` (or free is unknown); else a one-line UserError: the shortfall and each
     override that would fit alone."""
     if free is None or plan.total() <= free:
         return
     need = plan.total()
-    found = alternatives(plan, free, cfg, world, arch)
+    found = alternatives(plan, free, cfg, world, arch, planner)
     head = f"training needs ~{gib(need)} GiB per rank but {gib(free)} GiB is free (short by {gib(need - free)} GiB)"
     if found:
         raise UserError(f"{head}; would fit, each alone (dvc exp run -S): {'; '.join(found)}")

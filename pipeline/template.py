@@ -381,7 +381,7 @@ def render_prompt(messages: list[dict], tok: Tokenizer) -> list[int]:
     own = getattr(tok, "own_template", None)
     if own is not None:
         try:
-            text = own.render(messages, add_generation_prompt=True)
+            text = own.prompt(messages)
         except Unlocatable as e:
             raise UserError(f"the model's chat template: {e.reason}") from None
         return text_tokenizer(tok).encode(text, add_special_tokens=False).ids
