@@ -36,7 +36,9 @@ FAMILIES = {  # name -> (config class, its own switches); each the text model a 
                                                    final_logit_softcapping=30.0)),
     "gemma4": (transformers.Gemma4TextConfig, dict(head_dim=16, global_head_dim=16, sliding_window=8,
                                                    layer_types=SLIDING, hidden_size_per_layer_input=16)),
-    "qwen3_5": (transformers.Qwen3_5TextConfig, dict(head_dim=16, layer_types=["linear_attention", "full_attention"])),
+    "qwen3_5": (transformers.Qwen3_5TextConfig, dict(head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                                     linear_num_key_heads=2, linear_num_value_heads=4,
+                                                     linear_key_head_dim=16, linear_value_head_dim=16)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                                     head_dim=16)),
     "gpt_oss": (transformers.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
@@ -118,14 +120,12 @@ def test_packed_row_loss_is_the_sum_of_each_conversation_alone(family):
 def test_greedy_decoding_is_transformers_own(family):
     name, folder, model = family
     hf = theirs(folder)
-    prompts = [[5, 9, 17], list(range(30, 50)), [7] * 9]
-    for prompt in prompts[:2]:
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                               pad_token_id=0)[0, len(prompt):].tolist()
-        assert generate(model, [prompt], 10, stop_id=-1) == [expected], name
-    assert generate(model, prompts, 10, stop_id=-1) == [generate(model, [p], 10, stop_id=-1)[0] for p in prompts]
-    stop = generate(model, [prompts[1]], 10, stop_id=-1)[0][3]  # a stop id ends the row there
-    assert generate(model, [prompts[1]], 10, stop_id=[stop])[0][-1] == stop
+    prompts = [[5, 9, 17], list(range(30, 50))]  # left-padded together, each as transformers decodes it alone
+    expected = [hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert generate(model, prompts, 10, stop_id=-1) == expected, name
+    stop = expected[1][3]  # a stop id ends its row there
+    assert generate(model, prompts[1:], 10, stop_id=[-5, stop])[0] == expected[1][: expected[1].index(stop) + 1]
 
 
 def test_export_loads_in_transformers_and_gives_our_logits(family, chatml_tok, tmp_path):
