@@ -92,6 +92,10 @@ def load_hf(folder: str, trust_remote_code: bool = False):
                         + "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}"
                                     f"{' ...' if len(v) > 3 else ''}" for k, v in wrong.items())
                         + "); a shard may be missing, or config.json belongs to another model")
+    if "quantization_config" in kw:  # dequantized: from here on a plain model (never re-quantized on saving)
+        model.hf_quantizer = None
+        model._weight_conversions = None  # saved under the plain names, not re-packed into MXFP4 blocks
+        model.config.__dict__.pop("quantization_config", None)
     return model.float()
 
 

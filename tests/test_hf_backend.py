@@ -213,3 +213,46 @@ def test_memory_plan_weights_exact_and_activations_within_the_factor(family):
     lora = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=4))
     adapters = add_adapters(load_model(str(folder)), lora.lora, 0)
     assert plan_memory(read_config(str(folder)), lora, 64, 1, "cpu", False).gradients == 4 * adapters
+
+
+FP4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])  # e2m1 codes 0..15
+
+
+def mxfp4_folder(folder, vocab: int) -> dict[str, torch.Tensor]:
+    """A gpt-oss checkpoint whose experts are stored as the Hub ships gpt-oss: MXFP4 (4-bit e2m1 values, two per
+    byte, low nibble first, with one power-of-two scale per 32 along the input), config.json's quantization_config
+    saying so. Returns each expert tensor as the checkpoint's values decode, (experts, in, out)."""
+    from safetensors.torch import load_file, save_file
+
+    hub_folder(folder, "gpt_oss", vocab)
+    index = json.loads((folder / INDEX).read_text())
+    g, decoded = torch.Generator().manual_seed(0), {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = load_file(folder / file)
+        for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            E, n_in, n_out = tensors.pop(name).shape
+            blocks = torch.randint(0, 256, (E, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(124, 129, (E, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+            values = torch.stack([FP4[(blocks & 15).long()], FP4[(blocks >> 4).long()]], -1).flatten(-2)
+            decoded[name] = (values * 2.0 ** (scales.float() - 127)[..., None]).flatten(-2).transpose(1, 2)
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+            del index["weight_map"][name]
+            index["weight_map"][f"{name}_blocks"] = index["weight_map"][f"{name}_scales"] = file
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+    (folder / INDEX).write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "mxfp4"}}))
+    return decoded
+
+
+def test_mxfp4_experts_are_dequantized_at_import_and_exported_in_bf16(chatml_tok, tmp_path):
+    decoded = mxfp4_folder(tmp_path / "gpt-oss", chatml_tok.get_vocab_size())
+    model = load_model(str(tmp_path / "gpt-oss"))
+    params = dict(model.named_parameters())
+    for name, values in decoded.items():
+        assert torch.equal(params[f"hf.{name}"], values), name  # exactly the checkpoint's values
+    save_model(model, chatml_tok, str(tmp_path / "out"), like=str(tmp_path / "gpt-oss"))
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    again = dict(theirs(tmp_path / "out").named_parameters())  # transformers alone, as a plain bf16 model
+    assert all(torch.equal(again[name], values) for name, values in decoded.items())
