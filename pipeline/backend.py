@@ -12,6 +12,8 @@ What a model offers the pipeline, on either backend:
 - generation through pipeline.generate.generate (the transformers backend decodes over its own cache: `decode`);
 - LoRA on named projections (add_adapters), the adapter in PEFT's layout (save_adapter), the merged model saved in
   the base model's own config, dtype and shards (save_model), and a memory plan from config.json (plan_memory)."""
+import functools
+
 import torch
 from tokenizers import Tokenizer
 
@@ -88,7 +90,8 @@ def save_adapter(model, tensors: dict[str, torch.Tensor], cfg: LoraConfig, folde
     return transformers(tensors, cfg, folder, base)
 
 
-def plan_memory(folder: str, backend: str, cfg, block_size: int, world: int, device_type: str, bf16: bool):
+def plan_memory(folder: str, backend: str, cfg, block_size: int, world: int, device_type: str, bf16: bool,
+                trust_remote_code: bool = False):
     """(the memory plan, the planner check_fit re-plans alternatives with, the model's shape for it)."""
     config = read_config(folder)
     if choose(config, backend, f"{folder}/config.json")[0] == "native":
@@ -99,7 +102,8 @@ def plan_memory(folder: str, backend: str, cfg, block_size: int, world: int, dev
         return native(arch, cfg, block_size, world, device_type, bf16), native, arch
     from pipeline.hf_memory import plan_memory as transformers
 
-    return transformers(config, cfg, block_size, world, device_type, bf16), transformers, config
+    planner = functools.partial(transformers, folder=folder, trust_remote_code=trust_remote_code)
+    return planner(config, cfg, block_size, world, device_type, bf16), planner, config
 
 
 def one_per_row(arrays: dict) -> bool:

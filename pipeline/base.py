@@ -35,7 +35,7 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
     tok = load_tokenizer(tokenizer)
     compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
     if cfg.init_from:
-        folder = resolve_model(cfg.init_from, IMPORT_DIR)
+        folder = resolve_model(cfg.init_from, IMPORT_DIR, code=cfg.trust_remote_code)
         print0(f"base: {describe(folder, cfg.backend)}")
         model = load_model(folder, cfg.backend, trust_remote_code=cfg.trust_remote_code)
         if load_tokenizer(folder).get_vocab() != tok.get_vocab():

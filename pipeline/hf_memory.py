@@ -14,15 +14,18 @@ from pipeline.memory import MemoryPlan, local_elements
 OUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "dense", "c_proj", "wo")  # outputs go into the residual sum
 
 
-def meta_model(config: dict) -> HFModel:
-    """The model of a config.json built on the meta device: shapes, no memory."""
+def meta_model(config: dict, folder: str = "", trust_remote_code: bool = False) -> HFModel:
+    """The model of a config.json built on the meta device: shapes, no memory. A model with its own modeling code
+    (trusted: base.trust_remote_code) is built from its folder's code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.get("auto_map"):
-        raise UserError("a model that ships its own modeling code gets no memory plan before loading")
-    hf_config = AutoConfig.for_model(**config)
+    if config.get("auto_map") and not (folder and trust_remote_code):
+        raise UserError("a model that ships its own modeling code gets a memory plan only with "
+                        "base.trust_remote_code: true")
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=True) if config.get("auto_map") else \
+        AutoConfig.for_model(**config)
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_config)
+        hf = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     return HFModel(hf, *packing(config))
 
 
@@ -98,9 +101,11 @@ def activation_bytes(model: HFModel, B: int, T: int, c: int, a: int, lora, loss_
     return outside + sum(layers), outside + len(layers) * x + max(layers)
 
 
-def plan_memory(config: dict, cfg, block_size: int, world: int, device_type: str, bf16: bool) -> MemoryPlan:
-    """pipeline.memory.plan_memory for a transformers-backend model, from its config.json alone."""
-    model = meta_model(config)
+def plan_memory(config: dict, cfg, block_size: int, world: int, device_type: str, bf16: bool, folder: str = "",
+                trust_remote_code: bool = False) -> MemoryPlan:
+    """pipeline.memory.plan_memory for a transformers-backend model, from its config.json alone (and from its
+    folder's modeling code, when it ships some and it is trusted)."""
+    model = meta_model(config, folder, trust_remote_code)
     lora = getattr(cfg, "lora", None)
     lora = lora if lora is not None and lora.rank > 0 else None
     fsdp = getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1

@@ -39,7 +39,7 @@ def finetune(cfg: SftConfig, during: DuringTrainConfig, base: str, packed: str, 
         else compute.device
     print0(f"sft: {describe(base, backend)}")
     plan, planner, shape = plan_memory(base, backend, cfg, train_rows["ids"].shape[1], world, device.type,
-                                       compute.autocast_dtype is not None)
+                                       compute.autocast_dtype is not None, trust_remote_code)
     free = device_free_bytes(device)
     print0(f"sft: {plan.line(free)}")
     check_fit(plan, free, cfg, world, shape, planner)  # before anything heavy: one line naming what would fit

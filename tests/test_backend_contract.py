@@ -163,3 +163,27 @@ def test_unknown_model_type_remote_code_and_quantized_weights_are_refused_in_one
     (llama / "config.json").write_text(json.dumps(original | {"quantization_config": {"quant_method": "gptq"}}))
     refused(llama, r"quantized \(gptq\); fine-tune from the unquantized checkpoint", backend="transformers")
     (llama / "config.json").write_text(json.dumps(original))
+
+
+def test_modeling_code_a_folder_ships_runs_only_when_asked(llama, tmp_path):
+    """A folder with its own modeling code (config.json auto_map) is refused; with base.trust_remote_code it loads,
+    gets its memory plan, and gives the same loss as the model it subclasses."""
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(llama, folder)
+    (folder / "modeling_mini.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class MiniConfig(LlamaConfig):\n    model_type = 'mini_llama'\n\n\n"
+        "class MiniForCausalLM(LlamaForCausalLM):\n    config_class = MiniConfig\n")
+    (folder / "config.json").write_text(json.dumps(read_config(str(llama)) | {"model_type": "mini_llama", "auto_map": {
+        "AutoConfig": "modeling_mini.MiniConfig", "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM"}}))
+    refused(folder, "set base.trust_remote_code: true")
+    model = load_model(str(folder), trust_remote_code=True)
+    assert type(model.hf).__name__ == "MiniForCausalLM"
+    cfg = dataclasses.replace(config("train"), batch_size=2)
+    plan = plan_memory(str(folder), "auto", cfg, 64, 1, "cpu", False, trust_remote_code=True)[0]
+    assert plan.weights == 4 * model.num_params()
+    batch = to_batch(rows(model.arch.vocab_size), [0, 1], "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(*batch.inputs())[0], load_model(str(llama))(*batch.inputs())[0])
