@@ -61,11 +61,12 @@ def compile_template(text: str) -> jinja2.Template:
 
 
 class Unlocatable(Exception):
-    """An answer the template's output does not let us place (reason: snake_case)."""
+    """An answer the template's output does not let us place (reason: snake_case; detail: the template's own
+    message, when it refused the conversation with raise_exception)."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ class OwnTemplate:
             return compile_template(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                         tools=None, documents=None, **dict(self.variables))
         except jinja2.exceptions.TemplateError as e:
-            raise Unlocatable(f"template_refused ({e})") from None
+            raise Unlocatable("template_refused", str(e)) from None
 
     def answer_start(self, text: str, start: int) -> int:
         """Where the trained text of an answer whose prompt ends at `start` begins: there, or under thinking: context
