@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from pipeline.backend import load_model
+from pipeline.backend import load_model, plan_memory
 from tests.test_hf_backend import hub_folder, theirs
 
 
@@ -73,3 +73,43 @@ def test_lora_sft_of_a_mixture_of_experts_logs_its_load_balancing_loss_apart(cha
     changed = [n for (n, a), b in zip(merged.named_parameters(), base.parameters()) if not torch.equal(a, b)]
     assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
                            for n in changed)  # the experts are stacked tensors: not LoRA targets here
+
+
+def test_exact_resume_on_the_transformers_backend(chatml_tok, tmp_path, capsys):
+    """A run resumed from its step-4 checkpoint ends with the weights of a run never interrupted, bit for bit."""
+    from pipeline.common import setup_compute
+    from pipeline.train import train
+    from tests.conftest import config
+    from tests.test_backend_contract import rows
+
+    folder = hub_folder(tmp_path / "hub", "gemma3", chatml_tok.get_vocab_size())
+    data = rows(chatml_tok.get_vocab_size(), n=30)
+    cfg = config("train", max_steps=6, batch_size=2, save_every=2, lr=1e-3, device="cpu", eval_every=100)
+    plan = plan_memory(str(folder), "auto", cfg, 64, 1, "cpu", False)[0]
+    whole = load_model(str(folder))
+    train(cfg, whole, setup_compute("cpu", "float32"), data, None, ckpt_dir=str(tmp_path / "ckpt"), plan=plan)
+    resumed = load_model(str(folder))
+    train(cfg, resumed, setup_compute("cpu", "float32"), data, None, ckpt_dir=str(tmp_path / "ckpt"), plan=plan)
+    assert "resuming from" in capsys.readouterr().out
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_on_the_transformers_backend_follows_one_process(tmp_path, tok, monkeypatch):
+    """The train stage under torchrun, parallel: fsdp, the decoder layers as FSDP2 units, with activation
+    checkpointing: the same weights as one process with twice the batch."""
+    import tests.test_resume as resume
+    from tests.test_fsdp import SHORT, assert_close, weights
+    from tests.test_resume import finish, make_workdir, stage
+
+    real = resume.write_params
+    monkeypatch.setattr(resume, "write_params", lambda folder, **kw: real(folder, base={"backend": "transformers"},
+                                                                        **kw))
+    workdir = make_workdir(tmp_path, tok)
+    log = finish(stage(workdir, "one", SHORT))
+    assert "sft: backend transformers (base.backend: transformers)" in log
+    log = finish(stage(workdir, "fsdp", SHORT | {"nproc": 2, "batch_size": 4, "parallel": "fsdp",
+                                                 "activation_checkpointing": True}))
+    assert "launching 2 processes" in log and "(FSDP)" in log
+    assert_close(weights(workdir, "fsdp"), weights(workdir, "one"))
