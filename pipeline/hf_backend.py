@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from pipeline.common import UserError, print0
 from pipeline.config import LoraConfig
-from pipeline.families import ATTENTION_LAYERS, layer_types, packing, read_config, text_config
+from pipeline.families import ATTENTION_LAYERS, layer_types, packing, read_config
 from pipeline.generate import GREEDY, Sampling, pick
 from pipeline.hf import weight_files, weights_dtype, write_configs
 from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraLinear
