@@ -7,9 +7,9 @@ One Llama is built with transformers' config class and saved as the Hub ships it
 loads that folder in a child process of its own and runs the project's train step (pipeline.train:
 accumulate_gradients, clipping, AdamW) on the same packed rows of random conversations (~40% of tokens trained),
 fp32 on the CPU (bf16 autocast on CUDA). Reported per backend: trained tokens/s (non-padding tokens of a step over
-its wall time, the median of the steps after warmup), the first step's loss (equal on both: the same model, rows
-and loss) and peak memory (CPU: peak RSS of the child; CUDA: max allocated). The native path is expected to be
-faster; the ratio says by how much."""
+its wall time, the median of the steps after warmup; each backend run `--rounds` times, alternated, and the median
+of the runs reported), the first step's loss (equal on both: the same model, rows and loss) and peak memory (CPU:
+peak RSS of the child; CUDA: max allocated). The ratio is native tokens/s over transformers'."""
 import argparse
 import json
 import resource
@@ -90,28 +90,35 @@ def side(backend: str, folder: str, block: int, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each backend, alternated")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # backend:folder:block:batch, in a child process
     args = ap.parse_args()
     if args.side:
         backend, folder, block, batch = args.side.split(":")
         print(json.dumps(side(backend, folder, int(block), int(batch))))
         return
-    print("| model | backend | tokens/s | first loss | peak memory | native / transformers |")
+    print("| model | backend | tokens/s, median (each run) | first loss | peak memory | native / transformers |")
     print("|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         fields, block, batch = CONFIGS[name]
         with tempfile.TemporaryDirectory() as tmp:
             make_folder(Path(tmp), fields)
-            out = {}
-            for backend in ("native", "transformers"):
-                proc = subprocess.run([sys.executable, "-m", "bench.backend_bench", "--side",
-                                       f"{backend}:{tmp}:{block}:{batch}"], capture_output=True, text=True, check=True)
-                out[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ratio = out["native"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
-        for backend, r in out.items():
+            runs = {"native": [], "transformers": []}
+            for i in range(args.rounds):  # alternated, so that a change of load on a shared machine hits both
+                for backend in ("native", "transformers") if i % 2 == 0 else ("transformers", "native"):
+                    proc = subprocess.run([sys.executable, "-m", "bench.backend_bench", "--side",
+                                           f"{backend}:{tmp}:{block}:{batch}"], capture_output=True, text=True,
+                                          check=True)
+                    runs[backend].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        speed = {b: float(np.median([r["tokens_per_s"] for r in rs])) for b, rs in runs.items()}
+        ratios = [n["tokens_per_s"] / t["tokens_per_s"] for n, t in zip(runs["native"], runs["transformers"])]
+        for backend, rs in runs.items():
+            r = rs[0]
             print(f"| {name} ({r['params'] / 1e6:.1f}M, {r['device']}, block {block}, batch {batch}) | {backend} | "
-                  f"{r['tokens_per_s']:,.0f} | {r['first_loss']:.4f} | {r['peak_gib']:.2f} GiB | "
-                  f"{f'{ratio:.2f}x' if backend == 'transformers' else ''} |")
+                  f"{speed[backend]:,.0f} ({', '.join(format(x['tokens_per_s'], ',.0f') for x in rs)}) | "
+                  f"{r['first_loss']:.4f} | {max(x['peak_gib'] for x in rs):.2f} GiB | "
+                  + (f"{speed['native'] / speed['transformers']:.2f}x (rounds: "
+                     f"{', '.join(f'{x:.2f}' for x in ratios)})" if backend == "transformers" else "") + " |")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class HFModel(nn.Module):
         self.experts, self.top_k = int(experts or 0), int(getattr(cfg, "num_experts_per_tok", None) or 0)
         self.aux_coef = float(getattr(cfg, "router_aux_loss_coef", None) or 0.0) if self.experts else 0.0
         self.router_loss = None  # the last training forward's load-balancing loss, coefficient applied (MoE)
+        # DDP: a step may leave some parameters without a gradient (experts no token was routed to, a vision
+        # tower); finding them costs a graph traversal per step, paid on this backend for every family
+        self.sparse = True
         # runtime knobs set by training (pipeline/train.py:configure), as on the native model
         self.loss_chunk, self.neftune_alpha, self.use_flex, self._checkpointing = 0, 0.0, False, False
 

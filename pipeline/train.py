@@ -324,7 +324,9 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
     configure(model, cfg, compute, sharded)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
+    # sparse: some parameters may get no gradient in a step (experts no token was routed to; a vision tower)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=getattr(model, "sparse", False)) if world > 1 and not sharded else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(train_data, cfg, device, world, rank, skip=start * cfg.grad_accum)
     log, close = make_logger(live_dir, cfg, dataclasses.asdict(cfg) | {"n_steps": n_steps, "world": world,
