@@ -38,7 +38,8 @@ def choose(config: dict, backend: str, where: str = "config.json") -> tuple[str,
     except UserError as e:
         if backend == "native":
             raise
-        return "transformers", f"model_type {kind!r}: the native port refuses it ({str(e).split('refused: ')[-1]})"
+        why = str(e).split("refused: ")[-1].split("; README")[0]
+        return "transformers", f"model_type {kind!r}: the native port refuses it ({why})"
     return "native", (f"model_type {kind!r} is ported natively" if backend == "auto" else "base.backend: native")
 
 

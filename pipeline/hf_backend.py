@@ -1,11 +1,7 @@
-"""The transformers backend: any decoder that transformers builds (AutoModelForCausalLM), wrapped with the surface of
-the native model as the pipeline uses it (pipeline/backend.py states it). The loss stays ours: the base model's last
-hidden state at trained positions only, through the output layer in chunks (with the family's final logit
-softcapping), fp32 cross-entropy. Packed rows keep each conversation apart in every layer: the document mask, ANDed
-with the window on sliding layers, in the format the attention implementation takes; families with recurrent layers
-are refused packed rows (pipeline/families.py). Mixture-of-experts models add the router's load-balancing loss with
-their own coefficient. Decoding runs over transformers' own cache; export through save_pretrained in the model's own
-config, dtype and shards."""
+"""The transformers backend: any decoder transformers builds, behind the interface of pipeline/backend.py. The loss
+stays ours (last hidden state at trained positions, chunked, fp32; the family's logit softcapping); packed rows get
+the document mask on every attention layer type (windows ANDed in), in the format its attention takes; MoE models
+add their router's load-balancing loss; decoding runs over transformers' cache; export through save_pretrained."""
 import dataclasses
 from pathlib import Path
 
