@@ -2,10 +2,11 @@
 imported from base.init_from (a model folder, a GGUF file or a Hub repo) with its loss on the corpus measured."""
 import numpy as np
 
+from pipeline.backend import describe, load_model
 from pipeline.common import UserError, print0, setup_compute
 from pipeline.config import BaseConfig, ModelConfig, PackConfig
 from pipeline.corpus import read_corpus
-from pipeline.hf import copy_model, load_model, save_model, save_options
+from pipeline.hf import copy_model, save_model, save_options
 from pipeline.memory import plan_and_check
 from pipeline.model import Architecture, Transformer
 from pipeline.pack import pack
@@ -14,15 +15,17 @@ from pipeline.tokenizer import load_tokenizer
 from pipeline.train import clear_checkpoint, evaluate_loss, make_logger, train
 
 
-def corpus_rows(texts: list[str], tok, block_size: int) -> dict:
-    """Pretraining rows: each document fully trained, cut into block_size pieces, packed with a document mask."""
+def corpus_rows(texts: list[str], tok, block_size: int, alone: bool = False) -> dict:
+    """Pretraining rows: each document fully trained, cut into block_size pieces, packed with a document mask
+    (alone: one piece per row, for a model whose layers cannot keep packed documents apart)."""
     ids, labels = [], []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         x = np.asarray(enc.ids, dtype=np.int32)
         for start in range(0, len(x), block_size):
             ids.append(x[start : start + block_size])
             labels.append(x[start : start + block_size])
-    arrays, _ = pack(ids, labels, PackConfig(block_size=block_size, overlong="fail", seed=0, weights={}))
+    arrays, _ = pack(ids, labels, PackConfig(block_size=block_size, overlong="fail", seed=0, weights={}),
+                     alone=alone)
     return arrays
 
 
@@ -31,15 +34,16 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
     """The base model folder (out None: a rank other than 0, which saves nothing): a copy of cfg.init_from, or a
     model pretrained on the corpus. A rerun after a crash resumes the pretraining from ckpt_dir."""
     tok = load_tokenizer(tokenizer)
-    rows = corpus_rows(read_corpus(corpus), tok, cfg.block_size)
     compute = setup_compute(cfg.pretrain.device, cfg.pretrain.dtype)
     if cfg.init_from:
-        folder = resolve_model(cfg.init_from, IMPORT_DIR)
-        model = load_model(folder)
+        folder = resolve_model(cfg.init_from, IMPORT_DIR, code=cfg.trust_remote_code)
+        print0(f"base: {describe(folder, cfg.backend)}")
+        model = load_model(folder, cfg.backend, trust_remote_code=cfg.trust_remote_code)
         if load_tokenizer(folder).get_vocab() != tok.get_vocab():
             raise UserError(f"base.init_from={cfg.init_from}: its tokenizer differs from {tokenizer}; rerun the "
                             "tokenizer stage (`dvc repro tokenizer`), which takes the imported model's")
         print0(f"base: using {cfg.init_from} ({model.num_params():,} parameters), no pretraining")
+        rows = corpus_rows(read_corpus(corpus), tok, cfg.block_size, alone=not getattr(model, "packable", True))
         # no training curve, but the same report: how well the imported model fits the corpus
         log, close = make_logger(live_dir, cfg.pretrain, {})
         # on the first corpus_eval_rows rows: a full pass of a real model over the corpus can take an hour on a CPU
@@ -51,6 +55,7 @@ def make_base(cfg: BaseConfig, model_cfg: ModelConfig, corpus: str, tokenizer: s
         if out is not None:
             copy_model(folder, tok, out)  # as it came: its config, dtype and shards
         return
+    rows = corpus_rows(read_corpus(corpus), tok, cfg.block_size)
     arch = Architecture.from_params(model_cfg, tok.get_vocab_size())
     pretrain, plan = plan_and_check(arch, cfg.pretrain, cfg.block_size, compute, "base")  # as SFT: before the model
     model = Transformer(arch)

@@ -8,7 +8,7 @@ import sys
 from pipeline.common import UserError, one_line_errors, setup_compute
 from pipeline.data import read_conversations
 from pipeline.generate import Sampling, generate
-from pipeline.hf import load_model
+from pipeline.backend import load_model
 from pipeline.template import layout, render_prompt
 from pipeline.tokenizer import load_tokenizer
 
@@ -19,7 +19,7 @@ class Chat:
     def __init__(self, model_dir: str, sampling: Sampling, max_new_tokens: int, device: str = "auto",
                  system: str = "", history: list[dict] | None = None, compile: bool = False):
         self.compute = setup_compute(device, "float32")
-        self.model = load_model(model_dir, self.compute.device).eval()
+        self.model = load_model(model_dir, device=self.compute.device).eval()  # its backend: auto
         self.tok = load_tokenizer(model_dir)
         self.ends = layout(self.tok).ends  # every id that ends an answer
         self.sampling, self.max_new_tokens, self.compile = sampling, max_new_tokens, compile

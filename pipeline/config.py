@@ -186,11 +186,14 @@ class SynthConfig:
 class TokenizerConfig:
     vocab_size: int  # byte-level BPE vocabulary, chat markers included
     chat_format: str  # auto | template (the imported model's own) | markers | chatml
+    thinking: str  # an empty <think></think> a template writes before an answer: context (untrained, in the
+    # prompt) | train (trained with the answer)
 
     def __post_init__(self):
         require(self, {"vocab_size": (self.vocab_size >= 256 + 6, "must be >= 262 (256 bytes + chat markers)"),
                        "chat_format": (self.chat_format in ("auto", "template", *CHAT_FORMATS),
-                                       f"must be auto, template or one of {', '.join(CHAT_FORMATS)}")})
+                                       f"must be auto, template or one of {', '.join(CHAT_FORMATS)}"),
+                       "thinking": (self.thinking in THINKING, f"must be one of {', '.join(THINKING)}")})
 
 
 @dataclasses.dataclass
@@ -224,6 +227,8 @@ class ModelConfig:
 
 
 DEVICES, DTYPES = ("auto", "cpu", "cuda"), ("auto", "bfloat16", "float32")
+BACKENDS = ("auto", "native", "transformers")  # pipeline/backend.py
+THINKING = ("context", "train")  # pipeline/model_template.py: what an empty <think></think> before an answer is
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -343,13 +348,16 @@ class SftConfig(TrainConfig):
 class BaseConfig:
     seed: int  # weight-init seed of the bundled base model
     init_from: str  # instead of pretraining: a model folder, a .gguf file or hf://org/name (pipeline/sources.py)
+    backend: str  # auto | native | transformers: the implementation that trains, evaluates and exports the model
+    trust_remote_code: bool  # run modeling code a model folder ships (config.json auto_map); false: refuse it
     block_size: int  # tokens per packed pretraining row
     corpus_eval_rows: int  # corpus rows on which an imported model's loss is measured (0: all of them)
     pretrain: TrainConfig  # pretraining hyperparameters (its own lr)
 
     def __post_init__(self):
         require(self, {"block_size": (self.block_size >= 8, "must be >= 8"),
-                       "corpus_eval_rows": (self.corpus_eval_rows >= 0, "must be >= 0 (0: all)")})
+                       "corpus_eval_rows": (self.corpus_eval_rows >= 0, "must be >= 0 (0: all)"),
+                       "backend": (self.backend in BACKENDS, f"must be one of {', '.join(BACKENDS)}")})
 
 
 @dataclasses.dataclass

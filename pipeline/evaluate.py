@@ -20,7 +20,7 @@ from pipeline.common import IGNORE_INDEX, Compute, UserError, atomic_file, setup
 from pipeline.config import DuringTrainConfig, EvaluateConfig
 from pipeline.data import read_conversations
 from pipeline.generate import generate
-from pipeline.hf import load_model
+from pipeline.backend import load_model
 from pipeline.judge import MAX_CHARS, summarize_verdicts, verdicts
 from pipeline.metrics import RATES, answer_kind, long_scores, paired, score, scores_for, summarize
 from pipeline.model import Transformer
@@ -296,7 +296,8 @@ def without_prompt(conversations: list[list[dict]], path: str, on_error: str) ->
 
 
 def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc: str, dev: str, metrics_path: str,
-                  predictions_dir: str, on_error: str = "fail") -> dict:
+                  predictions_dir: str, on_error: str = "fail", backend: str = "auto",
+                  trust_remote_code: bool = False) -> dict:
     """Run the same harness on each model folder (base first: the 'before' row) -> metrics.json grouped by
     model (every rate with n and a bootstrap 95% interval), a paired comparison of the second model against
     the first, and every prediction in predictions_dir/{generation,mc}.parquet. Bad rows of the held-out and
@@ -316,7 +317,8 @@ def evaluate_pair(cfg: EvaluateConfig, models: dict[str, str], heldout: str, mc:
     dev_data = load_packed(dev)
     metrics, gen, choice = {"answers": kind}, {}, {}
     for name, folder in models.items():
-        model, tok = load_model(folder).to(compute.device), load_tokenizer(folder)
+        model = load_model(folder, backend, trust_remote_code=trust_remote_code).to(compute.device)
+        tok = load_tokenizer(folder)
         gen[name] = generation_rows(model, tok, conversations, cfg, compute, name, kind)
         metrics[name] = summarize(gen[name], keys, cfg.n_boot, cfg.seed)
         if cfg.multiple_choice:

@@ -175,6 +175,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     compile: decoding steps run through torch.compile (opt-in: it pays only over many steps, see
     compiled_hidden); where compiling fails, decoding goes on eagerly with a warning."""
     assert prompts and min(map(len, prompts)) > 0, "generate: every prompt needs at least one token"
+    if not isinstance(model, Transformer):  # another backend decodes over its own cache (pipeline/backend.py)
+        return model.decode(prompts, max_new_tokens, stop_id, sampling)
     model.eval()
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)

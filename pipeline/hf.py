@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from pipeline.common import UserError
 from pipeline.config import TrainConfig
+from pipeline.families import read_config
 from pipeline.model import Architecture, Transformer, inv_freq
 from pipeline.tokenizer import save_tokenizer, special_ids
 
@@ -88,13 +89,6 @@ def hf_config(arch: Architecture, special: dict[str, int]) -> dict:
         "initializer_range": arch.init_std, "torch_dtype": "float32", "bos_token_id": None,
         "eos_token_id": special["eos"], "pad_token_id": special["pad"],
     }
-
-
-def read_config(folder: str) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{folder}: no config.json; a model folder holds config.json and safetensors weights")
-    return json.loads(path.read_text())
 
 
 def weight_files(folder: str) -> dict[str, list[str]]:
@@ -201,21 +195,32 @@ def save_model(model: Transformer, tok: Tokenizer, folder: str, like: str | None
         total = sum(t.numel() * t.element_size() for t in state.values())
         (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
                                   + "\n")
-    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     if like:
-        config = read_config(like) | {"torch_dtype": dtype_name}
-        config.pop("dtype", None)  # transformers 5 writes `dtype`; one spelling, read by old and new
-        theirs = Path(like) / "generation_config.json"
-        generation = json.loads(theirs.read_text()) if theirs.is_file() else {}
-        ends = generation.get("eos_token_id", config.get("eos_token_id"))
-        ends = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None]
-        ends += [special["eos"]] if special["eos"] not in ends else []
-        generation["eos_token_id"] = ends[0] if len(ends) == 1 else ends  # one id stays a number, as it came
-        generation.setdefault("pad_token_id", special["pad"])
-    else:
-        config = hf_config(model.arch, special)
-        generation = {"eos_token_id": special["eos"], "pad_token_id": special["pad"], "do_sample": False,
-                      "max_new_tokens": 200}
+        write_configs(folder, like, dtype, tok)
+        return
+    config = hf_config(model.arch, special)
+    generation = {"eos_token_id": special["eos"], "pad_token_id": special["pad"], "do_sample": False,
+                  "max_new_tokens": 200}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_tokenizer(tok, folder)
+
+
+def write_configs(folder: str, like: str, dtype: torch.dtype, tok: Tokenizer, drop: tuple[str, ...] = ()) -> None:
+    """config.json of `like` field for field (but `drop`), with the dtype the weights were written in;
+    its generation config with our end token added to its end ids; the tokenizer files with the chat template."""
+    special = special_ids(tok)
+    path = Path(folder)
+    config = read_config(like) | {"torch_dtype": next(k for k, v in DTYPES.items() if v == dtype)}
+    for key in ("dtype", *drop):  # transformers 5 writes `dtype`; one spelling, read by old and new
+        config.pop(key, None)
+    theirs = Path(like) / "generation_config.json"
+    generation = json.loads(theirs.read_text()) if theirs.is_file() else {}
+    ends = generation.get("eos_token_id", config.get("eos_token_id"))
+    ends = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None]
+    ends += [special["eos"]] if special["eos"] not in ends else []
+    generation["eos_token_id"] = ends[0] if len(ends) == 1 else ends  # one id stays a number, as it came
+    generation.setdefault("pad_token_id", special["pad"])
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_tokenizer(tok, folder)

@@ -108,15 +108,21 @@ def peft_name(name: str) -> str:
 
 
 def save_adapter(tensors: dict[str, torch.Tensor], cfg: LoraConfig, folder: str, base: str) -> None:
-    """The adapters in PEFT's layout: adapter_config.json and adapter_model.safetensors (fp32). A QLoRA adapter
-    says so in both the config (base_model_quantization: PEFT ignores the key, with a warning) and a README.md, in
-    the words PEFT's own card uses."""
+    """The adapters (our names) in PEFT's layout (write_adapter)."""
+    write_adapter(folder, {peft_name(n): t for n, t in tensors.items()}, cfg, base, sorted(cfg.targets))
+
+
+def write_adapter(folder: str, tensors: dict[str, torch.Tensor], cfg: LoraConfig, base: str,
+                  targets: list[str]) -> None:
+    """PEFT's layout: adapter_model.safetensors (`tensors` by PEFT's names, fp32) and adapter_config.json. A QLoRA
+    adapter says so in both the config (base_model_quantization: PEFT ignores the key, with a warning) and a
+    README.md, in the words PEFT's own card uses."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({peft_name(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()},
+    save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()},
               str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": cfg.rank,
-              "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets),
+              "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
               "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
     if cfg.quantize == "nf4":

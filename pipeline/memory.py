@@ -317,7 +317,7 @@ def loss_chunk_of(cfg) -> int:
 
 
 def sized_loss_chunk(arch: Architecture, cfg, block_size: int, world: int, device_type: str, bf16: bool,
-                     free: int | None):
+                     free: int | None, planner=None):
     """cfg with loss_chunk auto made a number: all a micro-batch's trained positions in one piece (0) when that fits
     `free`, else the largest power of two of them that does (down to MIN_CHUNK, which stays when none fits: check_fit
     then says what would); AUTO_CHUNK when free memory is unknown. A number stays as it is."""
@@ -329,7 +329,7 @@ def sized_loss_chunk(arch: Architecture, cfg, block_size: int, world: int, devic
     tried = [0] + [2**k for k in range(rows.bit_length() - 1, MIN_CHUNK.bit_length() - 2, -1) if 2**k < rows]
     for chunk in tried:
         sized = dataclasses.replace(cfg, loss_chunk=chunk)
-        if plan_memory(arch, sized, block_size, world, device_type, bf16).total() <= free:
+        if (planner or plan_memory)(arch, sized, block_size, world, device_type, bf16).total() <= free:
             return sized
     return dataclasses.replace(cfg, loss_chunk=MIN_CHUNK)
 
@@ -436,10 +436,11 @@ def changed(cfg, fields: dict):
 
 
 def alternatives(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture,
-                 host_free: int | None = None, most: int = 3) -> list[tuple[str, ...]]:
+                 host_free: int | None = None, most: int = 3, planner=None) -> list[tuple[str, ...]]:
     """The combinations of changes that make the run fit the device's `free` bytes and the host's `host_free` (None:
     unchecked), cheapest first (FIT_COSTS summed, then fewer changes), none a superset of one listed before: at most
-    `most`."""
+    `most`. planner: plan_memory, or another backend's with the same arguments (pipeline/backend.py); `arch` is what
+    it plans from."""
     combos = sorted(itertools.product(*choices(cfg, world)),
                     key=lambda c: (sum(o[0] for o in c), sum(len(o[1]) for o in c)))
     found = []
@@ -450,7 +451,8 @@ def alternatives(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Arch
         fields = {k: v for option in combo for k, v in option[2].items()}
         new = changed(cfg, fields)
         n = fields.get("nproc", world)
-        if new is not None and fits(plan_memory(arch, new, plan.block_size, n, plan.device_type, plan.bf16), free,
+        if new is not None and fits((planner or plan_memory)(arch, new, plan.block_size, n, plan.device_type,
+                                                             plan.bf16), free,
                                     host_free, n if "nproc" in fields else local_processes(world)):
             found.append(overrides)
             if len(found) == most:
@@ -463,7 +465,7 @@ def fits(plan: MemoryPlan, free: int | None, host_free: int | None, local: int) 
 
 
 def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Architecture,
-              host_free: int | None = None) -> None:
+              host_free: int | None = None, planner=None) -> None:
     """Nothing when the plan fits the device's `free` bytes (or free is unknown) and its offloaded state the host's
     `host_free` (None: unchecked); else a one-line UserError: the shortfall and the cheapest combinations of
     overrides that would fit, as a dvc exp run command."""
@@ -476,7 +478,7 @@ def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Archite
     else:
         head = (f"the offloaded training state needs ~{gib(host)} GiB of host memory ({local} process(es)) but "
                 f"{gib(host_free)} GiB is available (short by {gib(host - host_free)} GiB)")
-    found = alternatives(plan, free, cfg, world, arch, host_free)
+    found = alternatives(plan, free, cfg, world, arch, host_free, planner=planner)
     if found:
         first, *others = (" ".join(f"-S {o}" for o in combo) for combo in found)
         also = f" (else: {'; '.join(others)})" if others else ""
@@ -487,17 +489,18 @@ def check_fit(plan: MemoryPlan, free: int | None, cfg, world: int, arch: Archite
     raise UserError(f"{head}; nothing fits with any combination of {', '.join(tried)}: use a device with more memory")
 
 
-def plan_and_check(arch: Architecture, cfg, block_size: int, compute: Compute, desc: str):
+def plan_and_check(arch: Architecture, cfg, block_size: int, compute: Compute, desc: str, planner=None):
     """(cfg with loss_chunk auto made a number, the plan) of this process's share of the run (torchrun's WORLD_SIZE;
     this rank's GPU), printed, and checked against the device's free memory and, for offloaded state, the host's,
-    before anything heavy is loaded: a run that cannot fit stops in one line naming what would."""
+    before anything heavy is loaded: a run that cannot fit stops in one line naming what would. planner and arch:
+    plan_memory and an Architecture, or another backend's planner and what it plans from (pipeline/backend.py)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if compute.device.type == "cuda" \
         else compute.device
     bf16 = compute.autocast_dtype is not None
     free, host_free = device_free_bytes(device), host_free_bytes()
-    cfg = sized_loss_chunk(arch, cfg, block_size, world, device.type, bf16, free)  # loss_chunk: auto -> a number
-    plan = plan_memory(arch, cfg, block_size, world, device.type, bf16)
+    cfg = sized_loss_chunk(arch, cfg, block_size, world, device.type, bf16, free, planner)  # auto -> a number
+    plan = (planner or plan_memory)(arch, cfg, block_size, world, device.type, bf16)
     print0(f"{desc}: {plan.line(free, host_free if plan.offloaded else None)}")
-    check_fit(plan, free, cfg, world, arch, host_free)
+    check_fit(plan, free, cfg, world, arch, host_free, planner)
     return cfg, plan

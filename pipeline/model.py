@@ -269,20 +269,26 @@ def attention_mask(doc: torch.Tensor, use_flex: bool, window: int = 0):
     return flex_block_mask(doc, window) if use_flex else doc_causal_mask(doc, window)
 
 
-def ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the output layer on rows h (N, D); logits in fp32 even under autocast."""
-    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+def ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of the output layer on rows h (N, D); logits in fp32 even under autocast, capped to
+    (-softcap, softcap) by softcap * tanh(logits / softcap) when a family caps them (Gemma 2/3)."""
+    logits = F.linear(h, weight).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def output_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def output_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                softcap: float = 0.0) -> torch.Tensor:
     """ce_sum over chunks of `chunk` rows, each recomputed in backward: at most a (chunk, V) fp32 logits tensor
     is alive at once, never (N, V). chunk 0, or N <= chunk: one piece, no recompute."""
     N = h.shape[0]
     if chunk <= 0 or N <= chunk:
-        return ce_sum(h, weight, targets)
+        return ce_sum(h, weight, targets, softcap)
     grad = torch.is_grad_enabled()
-    parts = [checkpoint(ce_sum, h[s : s + chunk], weight, targets[s : s + chunk], use_reentrant=False) if grad
-             else ce_sum(h[s : s + chunk], weight, targets[s : s + chunk]) for s in range(0, N, chunk)]
+    parts = [checkpoint(ce_sum, h[s : s + chunk], weight, targets[s : s + chunk], softcap, use_reentrant=False)
+             if grad else ce_sum(h[s : s + chunk], weight, targets[s : s + chunk], softcap)
+             for s in range(0, N, chunk)]
     return torch.stack(parts).sum()
 
 

@@ -10,6 +10,7 @@ BOS, injected system prompts and date lines, other turns, and the newline after 
 import dataclasses
 import functools
 import json
+import re
 
 import jinja2
 import jinja2.ext
@@ -18,6 +19,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pipeline.common import UserError
 
 FIXED_DATE = "26 Jul 2024"  # strftime_now's answer: templates that write today's date render the same every day
+EMPTY_THINK = re.compile(r"(<think>)?\s*</think>\s*")  # an empty thinking block (its opening may end the prompt)
+OPENED = re.compile(r"<think>\s*$")
+SENTINEL = "\ue000answer\ue000"  # no whitespace: templates that trim content keep it whole
 
 
 class _Generation(jinja2.ext.Extension):
@@ -57,11 +61,12 @@ def compile_template(text: str) -> jinja2.Template:
 
 
 class Unlocatable(Exception):
-    """An answer the template's output does not let us place (reason: snake_case)."""
+    """An answer the template's output does not let us place (reason: snake_case; detail: the template's own
+    message, when it refused the conversation with raise_exception)."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -81,13 +86,37 @@ class OwnTemplate:
     source: str
     variables: tuple  # (("bos_token", "<s>"), ("eos_token", "</s>"), ...)
     ends: tuple[str, ...]  # the end-of-turn token strings (the model's eos ids), the primary one first
+    thinking: str = "context"  # tokenizer.thinking: an empty <think></think> before an answer is context | trained
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
             return compile_template(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                         tools=None, documents=None, **dict(self.variables))
         except jinja2.exceptions.TemplateError as e:
-            raise Unlocatable(f"template_refused ({e})") from None
+            raise Unlocatable("template_refused", str(e)) from None
+
+    def answer_start(self, text: str, start: int) -> int:
+        """Where the trained text of an answer whose prompt ends at `start` begins: there, or under thinking: context
+        after an empty thinking block the template wrote first (Qwen3 writes `<think>\\n\\n</think>\\n\\n` before an
+        answer with no reasoning; Qwen3.5's prompt opens the block itself): context the model is given, not an
+        answer it learns to write."""
+        m = EMPTY_THINK.match(text, start)
+        if self.thinking == "context" and m and (m.group(1) or OPENED.search(text, 0, start)):
+            return m.end()
+        return start
+
+    def prompt(self, messages: list[dict]) -> str:
+        """The generation prompt after `messages`: the template's (add_generation_prompt), and under thinking: context
+        with the empty thinking block the template writes before an answer, as that answer was trained."""
+        text = self.render(messages, add_generation_prompt=True)
+        if self.thinking != "context":
+            return text
+        try:
+            probe = self.render(messages + [{"role": "assistant", "content": SENTINEL}])
+        except Unlocatable:
+            return text
+        at, start = probe.find(SENTINEL), self.answer_start(probe, len(text))
+        return probe[:start] if probe.startswith(text) and len(text) < start <= at else text
 
     def _end_after(self, text: str, start: int) -> int:
         """The end of the first end-of-turn token at or after `start` in text."""
@@ -134,9 +163,10 @@ class OwnTemplate:
         roles = [m["role"] for m in conversation]
         if all(self._end_in(full, parts[k]) is not None and self._end_in(full, prompt) == len(prompt)
                for k, prompt in answers.items()):
-            trained = [(len(prompt), self._end_after(full, len(prompt))) for prompt in answers.values()]
+            trained = [(self.answer_start(full, len(prompt)), self._end_after(full, len(prompt)))
+                       for prompt in answers.values()]
             return [Row(full, trained, self.message_starts(full, parts), roles, self._closing_at(full))]
-        return [Row(parts[k], [(len(prompt), self._end_after(parts[k], len(prompt)))],
+        return [Row(parts[k], [(self.answer_start(parts[k], len(prompt)), self._end_after(parts[k], len(prompt)))],
                     self.message_starts(parts[k], parts[: k + 1]), roles[: k + 1], self._closing_at(parts[k]))
                 for k, prompt in answers.items()]
 
@@ -158,7 +188,7 @@ class OwnTemplate:
         Mistral's before an answer): the generation prompt for the assistant, the text before a user's content."""
         if role == "assistant":
             ask = [{"role": "user", "content": "a"}]
-            asking = self.render(ask, add_generation_prompt=True)
+            asking = self.prompt(ask)
             return asking[self._end_in(asking, self.render(ask)) or len(asking):]
         sentinel = "\ue000sentinel\ue000"  # no whitespace: templates that trim content keep it whole
         before = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
@@ -180,7 +210,8 @@ def _closing(own: OwnTemplate) -> str:
     return plain[i:]
 
 
-def own_template(tokenizer_config: dict, end_tokens: list[str], where: str) -> OwnTemplate:
+def own_template(tokenizer_config: dict, end_tokens: list[str], where: str, thinking: str = "context"
+                 ) -> OwnTemplate:
     """The template of a tokenizer_config.json (a string, or the `default` of a list of named ones)."""
     source = tokenizer_config.get("chat_template")
     if isinstance(source, list):
@@ -191,4 +222,4 @@ def own_template(tokenizer_config: dict, end_tokens: list[str], where: str) -> O
     variables = {k: v if isinstance(v, str) else (v or {}).get("content")
                  for k, v in tokenizer_config.items() if k.endswith("_token")}
     return OwnTemplate(source, tuple(sorted((k, v) for k, v in variables.items() if v)),
-                       tuple(dict.fromkeys(end_tokens)))
+                       tuple(dict.fromkeys(end_tokens)), thinking)

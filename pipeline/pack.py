@@ -46,6 +46,13 @@ def weighted_order(sources: np.ndarray, weights: dict, seed: int) -> np.ndarray:
     return order[rng.permutation(len(order))]
 
 
+def one_per_row(lengths) -> tuple[np.ndarray, np.ndarray, int]:
+    """best_fit_decreasing's answer for a model whose layers cannot keep packed conversations apart
+    (pipeline/families.py): each conversation alone at the start of a row of its own, the rest padding."""
+    n = len(lengths)
+    return np.arange(n, dtype=np.int64), np.zeros(n, np.int64), n
+
+
 def best_fit_decreasing(lengths, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Each conversation's (row, offset) and the number of rows: longest first (ties in index order), each into the
     row with the least room that fits it, after the conversations already there. Rows are bucketed by free space,
@@ -242,7 +249,7 @@ def _overlong(x: np.ndarray, labels, policy: str, block_size: int, where: str, h
 
 
 def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np.ndarray, n: int, B: int,
-            trained: int, pieces: Pieces) -> dict:
+            trained: int, pieces: Pieces, alone: bool = False) -> dict:
     tokens_in, packed, repeated = int(lengths.sum()), int(fits.sum()), int(pieces.pre.sum())
     in_rows = packed + repeated
     parts = np.bincount(pieces.conv, minlength=len(lengths))
@@ -253,7 +260,7 @@ def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np
         "tokens_dropped": tokens_in - packed, "tokens_repeated": repeated, "rows": n, "block_size": B,
         "utilisation": in_rows / max(1, n * B), "padding_tokens": n * B - in_rows,
         "ideal_utilisation": in_rows / max(1, -(-in_rows // B) * B),  # every row full but the last
-        "trained_tokens": trained,
+        "trained_tokens": trained, "one_per_row": alone,
         "sources": {},
     }
     for name in dict.fromkeys(sources.tolist()):
@@ -270,11 +277,12 @@ def _report(lengths: np.ndarray, fits: np.ndarray, left: np.ndarray, sources: np
 
 
 def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sources=None, rows=None,
-         out: str | None = None, header: tuple[int, ...] = (), user_header: tuple[int, ...] = ()
-         ) -> tuple[dict, dict]:
+         out: str | None = None, header: tuple[int, ...] = (), user_header: tuple[int, ...] = (),
+         alone: bool = False) -> tuple[dict, dict]:
     """Pack whole conversations held in memory into rows; returns the arrays (rows, block_size) and a report (per
     source when `sources` names each conversation's source). With `out`, the arrays are also saved there as .npy
-    and returned memory-mapped. `pack_rendered` does the same from a rendered parquet, without holding its tokens."""
+    and returned memory-mapped. `pack_rendered` does the same from a rendered parquet, without holding its tokens.
+    alone: one conversation per row (a model that cannot be packed)."""
     B = cfg.block_size
     n_conv = len(ids)
     sources = np.asarray(sources if sources is not None else ["all"] * n_conv, dtype=object)
@@ -286,7 +294,7 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
         if pieces is not None:
             splits[int(i)] = pieces
     pieces = plan_pieces(fits, splits)
-    row, offset, n = best_fit_decreasing(pieces.lengths, B)
+    row, offset, n = one_per_row(pieces.lengths) if alone else best_fit_decreasing(pieces.lengths, B)
     arrays = {name: np.full((n, B), PADDING[name], np.int32) for name in ARRAYS}
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = [np.concatenate(x).astype(np.int32, copy=False) if n_conv else np.zeros(0, np.int32) for x in (ids, labels)]
@@ -295,7 +303,7 @@ def pack(ids: list[np.ndarray], labels: list[np.ndarray], cfg: PackConfig, sourc
     if out is not None:
         save_packed(arrays, out)
         arrays = load_packed(out)
-    return arrays, _report(lengths, fits, left, sources, n, B, trained, pieces)
+    return arrays, _report(lengths, fits, left, sources, n, B, trained, pieces, alone)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +361,7 @@ def read_index(path: str, cfg: PackConfig) -> RenderedIndex:
 
 
 def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackConfig, out: str,
-                  window: int | None = None) -> dict:
+                  window: int | None = None, alone: bool = False) -> dict:
     """Pack the conversations order[0], order[1], ... (rows of the rendered parquet; repeats allowed) into .npy
     arrays in `out`; returns the report. The same output as `pack` on those conversations in memory, but only
     lengths are held. The rows are planned first; the output is then made in windows of ~4 MiB per array: one
@@ -366,7 +374,7 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
         raise overlong_error(f"{index.sources[i]}:{int(index.rows[i]) + 1}", int(index.lengths[i]), B)
     split_at = np.flatnonzero(np.isin(order, list(index.splits))) if index.splits else []
     pieces = plan_pieces(fits, {int(k): index.splits[int(order[k])] for k in split_at})
-    row, offset, n = best_fit_decreasing(pieces.lengths, B)
+    row, offset, n = one_per_row(pieces.lengths) if alone else best_fit_decreasing(pieces.lengths, B)
     window = window or max(1, (1 << 20) // B)  # output rows per window: 4 MiB per array
     piece_rows = order[pieces.conv]  # each piece's conversation, as a row of the file
     by_file = np.argsort(piece_rows, kind="stable")  # the pieces, in file order
@@ -392,7 +400,7 @@ def pack_rendered(path: str, index: RenderedIndex, order: np.ndarray, cfg: PackC
         finally:
             for f in files.values():
                 f.close()
-    return _report(lengths, fits, left, sources, n, B, trained, pieces)
+    return _report(lengths, fits, left, sources, n, B, trained, pieces, alone)
 
 
 def _spill(path: str, by_file: np.ndarray, piece_rows: np.ndarray, pieces: Pieces, windows: np.ndarray,
@@ -437,13 +445,14 @@ def length_histogram(lengths: np.ndarray, block_size: int, bins: int = 32) -> li
     return [{"length": int(e), "conversations": int(c)} for e, c in zip(edges, counts)]
 
 
-def pack_split(path: str, cfg: PackConfig, out: str, weighted: bool) -> tuple[dict, np.ndarray]:
+def pack_split(path: str, cfg: PackConfig, out: str, weighted: bool, alone: bool = False) -> tuple[dict, np.ndarray]:
     """The pack stage for one split: the rendered parquet at `path` packed into `out`/*.npy, in the weighted,
-    shuffled order of pack.weights and pack.seed (weighted=True, train) or in file order. Returns the report and
-    the lengths of the packed conversations, in packing order (for the histogram)."""
+    shuffled order of pack.weights and pack.seed (weighted=True, train) or in file order; alone: one conversation
+    per row. Returns the report and the lengths of the packed conversations, in packing order (for the
+    histogram)."""
     index = read_index(path, cfg)  # lengths, sources, rows: no tokens held
     order = weighted_order(index.sources, cfg.weights, cfg.seed) if weighted else np.arange(len(index.lengths))
-    report = pack_rendered(path, index, order, cfg, out)
+    report = pack_rendered(path, index, order, cfg, out, alone=alone)
     print(f"pack {Path(out).name}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "sources"))
     return report, index.lengths[order]
 

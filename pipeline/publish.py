@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.common import UserError, hub_offline
 from pipeline.config import PublishConfig
+from pipeline.families import text_config
 from pipeline.hf import model_files
 from pipeline.metrics import cell, measured
 from pipeline.template import chat_template, layout
@@ -81,11 +82,15 @@ def lock_provenance(lock_path: str = "dvc.lock") -> str:
 
 def model_card(cfg: PublishConfig, model_dir: str, metrics: dict, params: dict, data: dict[str, str]) -> str:
     hf = json.loads((Path(model_dir) / "config.json").read_text())
+    text = text_config(hf)  # a vision-language model's language model
+    act = {"silu": "SwiGLU"}.get(text.get("hidden_act") or text.get("hidden_activation") or "silu",
+                                 f"gated {text.get('hidden_act') or text.get('hidden_activation')} MLP")
     arch = (f"Architecture: {hf.get('model_type', 'llama')} ({', '.join(hf.get('architectures', []))}), "
-            f"{hf['num_hidden_layers']} layers, width {hf['hidden_size']}, {hf['num_attention_heads']} query / "
-            f"{hf.get('num_key_value_heads') or hf['num_attention_heads']} key-value heads, SwiGLU "
-            f"{hf['intermediate_size']}, vocabulary {hf['vocab_size']}, tied embeddings: "
-            f"{hf.get('tie_word_embeddings', False)}; weights in {hf.get('torch_dtype', 'float32')}.")
+            f"{text['num_hidden_layers']} layers, width {text['hidden_size']}, {text['num_attention_heads']} query / "
+            f"{text.get('num_key_value_heads') or text['num_attention_heads']} key-value heads, {act} "
+            f"{text['intermediate_size']}, vocabulary {text['vocab_size']}, tied embeddings: "
+            f"{hf.get('tie_word_embeddings', text.get('tie_word_embeddings', False))}; weights in "
+            f"{hf.get('torch_dtype', 'float32')}.")
     fmt = layout(load_tokenizer(model_dir)).fmt
     end, header = f"`{fmt.end}`", f"`{fmt.header('assistant')}`".replace("\n", "\\n")
     lora = params.get("train", {}).get("lora") or {}

@@ -144,7 +144,7 @@ def render_split(path: str, tok: Tokenizer, cfg: RenderConfig, out: str, progres
         try:
             return messages, own_rows(messages, tok, cfg.train_on)
         except Unlocatable as e:
-            raise BadRow(e.reason) from None
+            raise BadRow(e.reason, e.detail) from None
 
     try:
         # batch k is tokenized and written in a thread (the tokenizer releases the GIL) while batch k+1 is read

@@ -11,10 +11,11 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.sa
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def resolve_model(spec: str, work_dir: str) -> str:
-    """A local folder for `spec`; GGUF files are converted and Hub repos downloaded into work_dir/."""
+def resolve_model(spec: str, work_dir: str, code: bool = False) -> str:
+    """A local folder for `spec`; GGUF files are converted and Hub repos downloaded into work_dir/ (with the
+    modeling code a repo ships when `code`: base.trust_remote_code)."""
     if spec.startswith(HUB_PREFIX):
-        return download_from_hub(spec[len(HUB_PREFIX):], str(Path(work_dir) / "hub"))
+        return download_from_hub(spec[len(HUB_PREFIX):], str(Path(work_dir) / "hub"), code)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -31,8 +32,9 @@ def resolve_model(spec: str, work_dir: str) -> str:
     raise UserError(f"base.init_from: {spec!r} is neither a model folder, a .gguf file, nor hf://org/name")
 
 
-def download_from_hub(repo: str, out: str) -> str:
-    """snapshot_download of the safetensors and JSON files only; a clear error when offline."""
+def download_from_hub(repo: str, out: str, code: bool = False) -> str:
+    """snapshot_download of the safetensors and JSON files only (and Python files when `code`); a clear error when
+    offline."""
     repo_id, _, revision = repo.partition("@")
     if hub_offline():
         raise UserError(f"base.init_from: cannot download {repo_id}: HF_HUB_OFFLINE is set. Download it once "
@@ -41,7 +43,8 @@ def download_from_hub(repo: str, out: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(repo_id, revision=revision or None, local_dir=out, allow_patterns=HUB_FILES,
+        folder = snapshot_download(repo_id, revision=revision or None, local_dir=out,
+                                   allow_patterns=HUB_FILES + (["*.py"] if code else []),
                                    etag_timeout=10)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise UserError(f"base.init_from: cannot download {repo_id} from the Hub ({type(e).__name__}: {e}). "

@@ -325,7 +325,7 @@ def render_flat(conversations: list[list[dict]], tok: Tokenizer, train_on: str =
         try:
             return tokenize_rows([own_rows(c, tok, train_on) for c in conversations], tok)
         except Unlocatable as e:
-            raise UserError(f"the model's chat template: {e.reason}") from None
+            raise UserError(f"the model's chat template: {e}") from None
     lay = layout(tok)
     for role in {m["role"] for conv in conversations for m in conv}:
         lay.header_ids(role)  # a clear error for a role the tokenizer has no marker for
@@ -381,9 +381,9 @@ def render_prompt(messages: list[dict], tok: Tokenizer) -> list[int]:
     own = getattr(tok, "own_template", None)
     if own is not None:
         try:
-            text = own.render(messages, add_generation_prompt=True)
+            text = own.prompt(messages)
         except Unlocatable as e:
-            raise UserError(f"the model's chat template: {e.reason}") from None
+            raise UserError(f"the model's chat template: {e}") from None
         return text_tokenizer(tok).encode(text, add_special_tokens=False).ids
     ids = render(messages, tok)[0] if messages else []
     return ids + layout(tok).header_ids("assistant")

@@ -84,15 +84,18 @@ def end_tokens(folder: str, tok: Tokenizer) -> list[str]:
     return [e for e in dict.fromkeys(ends) if e and tok.token_to_id(e) is not None]
 
 
-def attach_template(tok: Tokenizer, folder: str, ends: list[str] | None = None) -> Tokenizer:
+def attach_template(tok: Tokenizer, folder: str, ends: list[str] | None = None, thinking: str | None = None
+                    ) -> Tokenizer:
     """The model's own chat template (its tokenizer_config.json) attached to its tokenizer: chat_format is then
-    `template`, and every renderer of the pipeline renders with it."""
+    `template`, and every renderer of the pipeline renders with it (and with the thinking policy recorded there, or
+    `thinking`)."""
     config = _tokenizer_config(Path(folder))
     ends = ends if ends is not None else config.get("sft_end_tokens") or end_tokens(folder, tok)
     if not ends:
         raise UserError(f"{folder}: no end-of-turn token (eos_token_id in generation_config.json or config.json, "
                         "eos_token in tokenizer_config.json); chat_format template needs one to stop answers")
-    tok.own_template = own_template(config, ends, f"{folder}/tokenizer_config.json")
+    tok.own_template = own_template(config, ends, f"{folder}/tokenizer_config.json",
+                                    thinking or config.get("sft_thinking", "context"))
     return tok
 
 
@@ -131,7 +134,8 @@ def save_tokenizer(tok: Tokenizer, folder: str) -> None:
         "model_max_length": 1_000_000,
     }
     if isinstance(lay.fmt, TemplateFormat):
-        config |= dict(lay.fmt.own.variables) | {OWN: "template", "sft_end_tokens": list(lay.fmt.own.ends)}
+        config |= dict(lay.fmt.own.variables) | {OWN: "template", "sft_end_tokens": list(lay.fmt.own.ends),
+                                                 "sft_thinking": lay.fmt.own.thinking}
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -164,7 +168,7 @@ def make_tokenizer(cfg: TokenizerConfig, corpus_texts, model_folder: str | None 
         raise UserError(f"base.init_from={init_from}: no tokenizer.json in {model_folder}")
     shipped = _tokenizer_config(Path(model_folder)).get("chat_template")
     if cfg.chat_format == "template" or (cfg.chat_format == "auto" and shipped and not ours(path, shipped)):
-        tok = attach_template(Tokenizer.from_file(str(path)), model_folder)
+        tok = attach_template(Tokenizer.from_file(str(path)), model_folder, thinking=cfg.thinking)
         tok.encode_special_tokens = True
         print(f"tokenizer: taken from base.init_from={init_from} (chat format template: the model's own, ends "
               f"{', '.join(tok.own_template.ends)})")

@@ -149,25 +149,34 @@ def evaluate_loss(model: Transformer, arrays: dict, batch_size: int, compute: Co
     return total.item() / max(1, count)  # one read at the end
 
 
-def accumulate_gradients(model, micro: list[Batch], compute: Compute, world: int = 1
+def accumulate_gradients(model, micro: list[Batch], compute: Compute, world: int = 1, extra: dict | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward over this rank's micro-batches of one optimizer step. Each summed cross-entropy is divided by
     the step's trained-target count over all micro-batches and all ranks (times world, since DDP and FSDP average
     gradients over ranks), so every token weighs the same however the step is split. Under DDP the gradient
-    all-reduce runs once, on the last micro-batch. Returns the global (loss sum, target count) as device tensors:
-    nothing here waits for the device, the caller reads them once per step."""
+    all-reduce runs once, on the last micro-batch. A mixture-of-experts model's load-balancing loss (coefficient
+    applied, per forward) is added divided by the micro-batch count, and averaged over ranks by DDP and FSDP: the
+    step trains on its mean, however the step is split; that mean goes into extra["router_aux_loss"] (a device
+    tensor, the same on every rank), apart from the loss. Returns the global (loss sum, target count) as device
+    tensors: nothing here waits for the device, the caller reads them once per step."""
     n_targets = torch.tensor(float(sum(b.n_targets for b in micro)), dtype=torch.float64)  # counted on the CPU
     n_targets = all_reduce_sum(to_device(n_targets, compute.device), world)
     scale = (world / n_targets.clamp(min=1)).float()  # clamp: a fully masked step gives zero, not NaN
     loss_sum = torch.zeros((), dtype=torch.float64, device=compute.device)
+    aux_sum = None
     for i, batch in enumerate(micro):
         # DDP all-reduces once, on the last micro-batch; FSDP reduce-scatters every one (no unsharded gradients kept)
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             with compute.autocast():
                 part, _ = model(*batch.inputs())
-            (part * scale).backward()
+            aux = getattr(getattr(model, "module", model), "router_loss", None)  # MoE only (DDP wraps the model)
+            (part * scale if aux is None else part * scale + aux / len(micro)).backward()
         loss_sum += part.detach()
+        if aux is not None:
+            aux_sum = aux.detach().double() / len(micro) + (0 if aux_sum is None else aux_sum)
+    if extra is not None and aux_sum is not None:
+        extra["router_aux_loss"] = all_reduce_sum(aux_sum, world) / world
     return all_reduce_sum(loss_sum, world), n_targets
 
 
@@ -341,9 +350,11 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             start, skipped, bad_in_row, summary = state["step"], state["skipped"], state["bad_in_row"], state["summary"]
             print0(f"{desc}: resuming from {ckpt} at step {start}/{n_steps}")
     configure(model, cfg, compute, sharded)
-    # no buffer broadcast at each forward: ours (RoPE rates, NF4 codes) never change
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 and \
-        not sharded else model
+    # no buffer broadcast at each forward: ours (RoPE rates, NF4 codes) never change; sparse: some parameters may get
+    # no gradient in a step (experts no token was routed to; a vision tower)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, broadcast_buffers=False, find_unused_parameters=getattr(model, "sparse", False)) \
+        if world > 1 and not sharded else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(train_data, cfg, device, world, rank, skip=start * cfg.grad_accum)
     log, close = make_logger(live_dir, cfg, dataclasses.asdict(cfg) | {"n_steps": n_steps, "world": world,
@@ -376,7 +387,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         t0 = time.time()
         model.train()
         micro = upcoming
-        loss_sum, n_targets = accumulate_gradients(ddp_model, micro, compute, world)
+        extra = {}  # a mixture of experts: its router's load-balancing loss, logged apart from the loss
+        loss_sum, n_targets = accumulate_gradients(ddp_model, micro, compute, world, extra)
         n_tokens = all_reduce_sum(to_device(torch.tensor(float(sum(b.n_tokens for b in micro)),
                                                          dtype=torch.float64), device), world)
         lr = lr_at(step, cfg, n_steps)
@@ -388,8 +400,8 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
         # the next step's rows go to the device while it works on this one (nothing above waited for it)
         upcoming = [next(batches) for _ in range(cfg.grad_accum)] if step + 1 < n_steps else []
         # the step's one read of the device: the skip decision and the log line need these four numbers
-        loss_sum, n_targets, grad_norm, n_tokens = torch.stack([loss_sum, n_targets, grad_norm.double(),
-                                                                n_tokens]).tolist()
+        loss_sum, n_targets, grad_norm, n_tokens, *aux = torch.stack([loss_sum, n_targets, grad_norm.double(),
+                                                                      n_tokens, *extra.values()]).tolist()
         loss = loss_sum / max(1, n_targets)
         if math.isfinite(loss) and math.isfinite(grad_norm):  # the same on every rank: both are global
             optimizer.step()
@@ -410,14 +422,15 @@ def train(cfg: TrainConfig, model: Transformer, compute: Compute, train_data: di
             continue
         dt = time.time() - t0
         tok_s = n_tokens / max(1e-9, dt)
-        log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "skipped_steps": skipped}, step)
+        log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "skipped_steps": skipped}
+            | dict(zip(extra, aux)), step)
         bar.update(step + 1 - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if not tty and (step % cfg.log_every == 0 or step == n_steps - 1):
             eta = (time.time() - t_start) / (step + 1 - start) * (n_steps - step - 1)
             print0(f"{desc} step {step + 1}/{n_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                    f"tok/s {tok_s:,.0f} eta {eta:,.0f}s")
-        summary |= {"loss": loss, "grad_norm": grad_norm}
+        summary |= {"loss": loss, "grad_norm": grad_norm} | dict(zip(extra, aux))
         rates.append(tok_s)
     bar.close()
     if uploader is not None:

@@ -1,7 +1,7 @@
 """Stage evaluate: base and fine-tuned models on held-out conversations and multiple-choice questions ->
 metrics.json (grouped base/sft, intervals, paired difference), predictions (parquet), pictures and a report."""
 from pipeline.common import require_inputs, run_stage
-from pipeline.config import EvaluateConfig, RenderConfig, load_params
+from pipeline.config import BaseConfig, EvaluateConfig, RenderConfig, load_params
 from pipeline.evaluate import evaluate_pair
 from pipeline.gpus import claim_gpus
 from pipeline.report import make_report
@@ -11,9 +11,11 @@ def main(base: str, sft: str, heldout: str, mc: str, dev: str, curves: str, metr
          figures: str, report: str) -> None:
     cfg = load_params("evaluate", EvaluateConfig)
     on_error = load_params("render", RenderConfig).on_error  # bad held-out rows: as the render stage treats them
+    source = load_params("base", BaseConfig)  # base.backend and base.trust_remote_code
     require_inputs(base, sft, heldout, mc, dev, curves)
     claim_gpus("evaluate", cfg.device, 1)  # a free GPU of its own, before CUDA starts
-    evaluate_pair(cfg, {"base": base, "sft": sft}, heldout, mc, dev, metrics, predictions, on_error)
+    evaluate_pair(cfg, {"base": base, "sft": sft}, heldout, mc, dev, metrics, predictions, on_error, source.backend,
+                  source.trust_remote_code)
     make_report(metrics, predictions, curves, figures, report, cfg.n_report)
 
 

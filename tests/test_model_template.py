@@ -212,7 +212,7 @@ def transformers_on_our_date():
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     folder = family_tokenizer(tmp_path_factory.mktemp(request.param), request.param)
-    tok = make_tokenizer(TokenizerConfig(vocab_size=400, chat_format="auto"), [], str(folder), "test")
+    tok = make_tokenizer(TokenizerConfig(vocab_size=400, chat_format="auto", thinking="train"), [], str(folder), "test")
     template, _, bos, ends, _ = FAMILIES[request.param]
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), chat_template=template,
                                               bos_token=bos, eos_token=ends[0])

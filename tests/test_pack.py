@@ -182,10 +182,13 @@ def test_pack_stage_weights_sources_and_writes_plots(tmp_path, monkeypatch, tok)
     for split in ("train", "dev"):
         render_split(str(src), tok, config("render"), str(tmp_path / "rendered" / f"{split}.parquet"))
     write_params(tmp_path, pack={"block_size": 64, "overlong": "drop", "seed": 1, "weights": {"a": 3.0, "b": 0.5}})
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
     monkeypatch.chdir(tmp_path)
-    main("rendered", "packed", "pack.json", "lengths")
+    main("rendered", "base", "packed", "pack.json", "lengths")
     report = json.loads((tmp_path / "pack.json").read_text())
     train, dev = report["train"], report["dev"]
+    assert train["one_per_row"] is False and train["rows"] < train["conversations"]
     assert train["sources"]["a"]["conversations"] == 12 and train["sources"]["b"]["conversations"] == 4
     assert dev["sources"]["a"]["conversations"] == 4 and dev["sources"]["b"]["conversations"] == 8  # not weighted
     assert train["conversations"] == train["packed"] == 16

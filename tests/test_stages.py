@@ -56,10 +56,15 @@ def test_base_refuses_an_unsupported_family_and_the_hub_offline(tmp_path, tok):
     save_model(tiny_model(tok.get_vocab_size()), tok, str(gpt2))
     config = json.loads((gpt2 / "config.json").read_text())
     (gpt2 / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
-    write_params(tmp_path, base={"init_from": str(gpt2)})
+    write_params(tmp_path, base={"init_from": str(gpt2), "backend": "native"})
     args = ("corpus.jsonl", "tok", "base", "reports/base", "ckpt")
     one_line(stage(tmp_path, "base", *args), "base", "config.json: refused: model_type 'gpt2' is not supported "
              "(supported: llama, qwen2, qwen3, mistral)")
+    write_params(tmp_path, base={"init_from": str(gpt2), "backend": "auto"})  # transformers knows gpt2: not these
+    one_line(stage(tmp_path, "base", *args), "base", "weights do not match its config.json")
+    (gpt2 / "config.json").write_text(json.dumps(config | {"model_type": "gpt0"}))
+    one_line(stage(tmp_path, "base", *args), "base", "model_type 'gpt0' is known neither to the native backend nor "
+             "to transformers")
     write_params(tmp_path, base={"init_from": "hf://me/model"})
     one_line(stage(tmp_path, "base", *args, env={"HF_HUB_OFFLINE": "1"}), "base",
              "cannot download me/model: HF_HUB_OFFLINE is set")
@@ -87,7 +92,8 @@ def test_render_a_bad_row_is_one_line_with_file_and_line(tmp_path, tok):
 
 def test_pack_train_and_evaluate_name_their_missing_inputs(tmp_path):
     write_params(tmp_path)
-    one_line(stage(tmp_path, "pack", "rendered", "packed", "pack.json", "lengths"), "pack", "missing input rendered")
+    one_line(stage(tmp_path, "pack", "rendered", "base", "packed", "pack.json", "lengths"), "pack",
+             "missing input rendered, base")
     one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt", "adapter"), "train",
              "missing input base, packed")
     write_params(tmp_path, lr="fast")
