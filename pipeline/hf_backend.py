@@ -16,8 +16,8 @@ from pipeline.families import ATTENTION_LAYERS, layer_types, packing, read_confi
 from pipeline.generate import GREEDY, Sampling, pick
 from pipeline.hf import weight_files, weights_dtype, write_configs
 from pipeline.lora import LoraLinear, write_adapter
-from pipeline.quant import store_nf4
 from pipeline.model import doc_causal_mask, neftune, output_loss, trained_targets
+from pipeline.quant import store_nf4
 
 DEQUANTIZED = ("mxfp4",)  # quantized checkpoints loaded dequantized to bf16 (gpt-oss ships MXFP4 experts)
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's fused
