@@ -36,6 +36,26 @@ def check_gate(cfg: PublishConfig, metrics: dict) -> None:
                         f"{why} set publish.gate_min lower to publish anyway")
 
 
+def check_no_regression(cfg: PublishConfig, metrics: dict) -> None:
+    """publish.no_regression: refuse a model that regressed on a named suite or harness task (the evaluate stage's
+    `regressions`: an sft − base interval wholly below −evaluate.regression_margin), in one line with the figures."""
+    if not cfg.no_regression:
+        return
+    known = [k for k, v in metrics.items() if isinstance(v, dict) and "prompting" in v and k != "harness"]
+    known += [k for k in metrics.get("harness", {}) if k != "prompting"]
+    missing = [n for n in cfg.no_regression if n not in known]
+    if missing:
+        raise UserError(f"publish.no_regression names {', '.join(missing)}, which the metrics do not have (suites and "
+                        f"tasks measured: {', '.join(known) or 'none'}); fix the names or add the suite (evaluate.suites)"
+                        " or task (evaluate.harness.tasks)")
+    found = metrics.get("regressions", {})
+    worse = [f"{n}: {found[n]}" for n in cfg.no_regression if n in found]
+    if worse:
+        raise UserError(f"refusing to publish: the fine-tuned model regressed on {' | '.join(worse)} (sft − base, 95% "
+                        "interval wholly below −evaluate.regression_margin); fix the fine-tuning (lower lr, fewer "
+                        "steps, mix in general data) or drop the name from publish.no_regression")
+
+
 def file_hash(path: str) -> str:
     """sha256 (first 16 hex digits) of a file, or of a folder's files with their relative paths, in order."""
     h, root = hashlib.sha256(), Path(path)
