@@ -397,7 +397,7 @@ PROMPTINGS = ("chat", "plain")
 
 @dataclasses.dataclass
 class PromptingConfig:
-    base: str  # how the suites and harness tasks prompt the base model: chat (its chat template) | plain (few-shot text)
+    base: str  # how suites and harness tasks prompt the base model: chat (its chat template) | plain (few-shot text)
     sft: str  # the same for the fine-tuned model
 
     def __post_init__(self):

@@ -89,7 +89,8 @@ def evaluate_harness(cfg: EvaluateConfig, models: dict[str, str]) -> tuple[dict,
     for task in cfg.harness.tasks:
         per_model = {name: docs[name][task] for name in models}
         first = next(iter(per_model.values()))  # the scores every document has (a group may mix tasks)
-        keys = tuple(k for k in (first[0] if first else {}) if k not in ("task", "doc_id") and all(k in r for r in first))
+        keys = tuple(k for k in (first[0] if first else {})
+                     if k not in ("task", "doc_id") and all(k in r for r in first))
         group[task] = compare(per_model, keys, cfg.n_boot, cfg.seed, "")
         rows += [{"harness_task": task, "model": name} | r for name, rs in per_model.items() for r in rs]
         print(f"evaluate: harness {task}: " + "; ".join(

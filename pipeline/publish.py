@@ -46,8 +46,8 @@ def check_no_regression(cfg: PublishConfig, metrics: dict) -> None:
     missing = [n for n in cfg.no_regression if n not in known]
     if missing:
         raise UserError(f"publish.no_regression names {', '.join(missing)}, which the metrics do not have (suites and "
-                        f"tasks measured: {', '.join(known) or 'none'}); fix the names or add the suite (evaluate.suites)"
-                        " or task (evaluate.harness.tasks)")
+                        f"tasks measured: {', '.join(known) or 'none'}); fix the names or add the suite "
+                        "(evaluate.suites) or task (evaluate.harness.tasks)")
     found = metrics.get("regressions", {})
     worse = [f"{n}: {found[n]}" for n in cfg.no_regression if n in found]
     if worse:

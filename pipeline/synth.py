@@ -329,8 +329,10 @@ def mc_split(rng: random.Random, ents: dict, facts: list, n: int) -> list[dict]:
     return [mc_question(rng, ents, order[i % len(order)]) for i in range(n)]
 
 
-SUITE_ARITH = {"plus": ["Add {a} and {b}.", "What do you get when you add {b} to {a}?", "Work out the sum of {a} and {b}."],
-               "minus": ["Take {b} away from {a}.", "Subtract {b} from {a}.", "How much is left when {b} is taken from {a}?"]}
+SUITE_ARITH = {"plus": ["Add {a} and {b}.", "What do you get when you add {b} to {a}?",
+                        "Work out the sum of {a} and {b}."],
+               "minus": ["Take {b} away from {a}.", "Subtract {b} from {a}.",
+                         "How much is left when {b} is taken from {a}?"]}
 
 
 def world_suite(cfg: SynthConfig, rng: random.Random, ents: dict, held: list) -> list[dict]:
