@@ -106,7 +106,6 @@ def test_a_suites_experiment_reruns_only_evaluate_and_publish(repo):
     diff = json.JSONDecoder().raw_decode(out)[0]["reports/metrics.json"]
     assert diff["sums.sft.exact_acc"]["new"] == metrics["sums"]["sft"]["exact_acc"]
     assert "Suite `sums`" in (repo / "reports/eval.md").read_text()
-    run("dvc exp run -S evaluate.suites=data/synth/suites", repo)  # back to the bundled suite
 
 
 def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(repo):
