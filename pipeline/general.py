@@ -52,26 +52,29 @@ def merge(groups: list[dict]) -> dict:
 
 def evaluate_suites(cfg: EvaluateConfig, models: dict[str, str], read: dict, compute) -> tuple[dict, list[dict]]:
     """Each suite on each model -> ({suite: {prompting, model: summary, sft_minus_base: ...}}, rows)."""
-    groups, all_rows = {}, []
-    for suite, (questions, dropped) in read.items():
-        shots, scored = split_shots(questions, cfg.fewshot, cfg.limit)
-        rows = {}
-        for name, folder in models.items():
-            model, tok = load_model(folder).to(compute.device), load_tokenizer(folder)
-            prompting = getattr(cfg.prompting, name)
-            rows[name] = score_suite(model, tok, scored, shots, prompting, cfg.suite_max_new_tokens, cfg.batch_size,
-                                     compute, suite, name)
-            all_rows += rows[name]
-        kinds = [({n: [x for x in r if x["kind"] == "choice"] for n, r in rows.items()}, CHOICE_SCORES, "mc_"),
-                 ({n: [x for x in r if x["kind"] == "exact"] for n, r in rows.items()}, EXACT_SCORES, "exact_")]
+    asked = {suite: split_shots(questions, cfg.fewshot, cfg.limit) for suite, (questions, _) in read.items()}
+    rows: dict[str, dict] = {suite: {} for suite in read}
+    for name, folder in models.items():  # each model loaded once, for every suite
+        if not read:
+            break
+        model, tok = load_model(folder).to(compute.device), load_tokenizer(folder)
+        for suite, (shots, scored) in asked.items():
+            rows[suite][name] = score_suite(model, tok, scored, shots, getattr(cfg.prompting, name),
+                                            cfg.suite_max_new_tokens, cfg.batch_size, compute, suite, name)
+        del model
+    groups = {}
+    for suite, per_model in rows.items():
+        kinds = [({n: [x for x in r if x["kind"] == "choice"] for n, r in per_model.items()}, CHOICE_SCORES, "mc_"),
+                 ({n: [x for x in r if x["kind"] == "exact"] for n, r in per_model.items()}, EXACT_SCORES, "exact_")]
         groups[suite] = {"prompting": {n: getattr(cfg.prompting, n) for n in models}} | merge(
             [compare(r, keys, cfg.n_boot, cfg.seed, prefix) for r, keys, prefix in kinds])
+        dropped = read[suite][1]
         if dropped:
             groups[suite]["left_out"] = sum(dropped.values())
         print(f"evaluate: suite {suite}: " + "; ".join(
             f"{n} " + ", ".join(f"{k} {v:.3f}" for k, v in groups[suite][n].items()
                                 if k in CHOICE_SCORES + EXACT_SCORES) for n in models))
-    return groups, all_rows
+    return groups, [r for per_model in rows.values() for rs in per_model.values() for r in rs]
 
 
 def evaluate_harness(cfg: EvaluateConfig, models: dict[str, str]) -> tuple[dict, list[dict]]:
