@@ -77,6 +77,23 @@ def eval_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def general_table(metrics: dict) -> str:
+    """The general-ability suites and harness tasks (evaluate stage): each score base, sft and the paired difference
+    with its 95% interval; empty when none was run."""
+    groups = [(f"suite {k}", v) for k, v in metrics.items() if isinstance(v, dict) and "prompting" in v
+              and k != "harness"]
+    groups += [(f"lm-eval {k}", v) for k, v in metrics.get("harness", {}).items() if k != "prompting"]
+    lines = []
+    for name, group in groups:
+        for key in [k for k in group.get("sft_minus_base", {}) if f"{k}_lo" in group["sft_minus_base"]]:
+            lines.append(f"| {name} | {key} | {cell(group.get('base', {}), key)} | {cell(group.get('sft', {}), key)} "
+                         f"| {cell(group['sft_minus_base'], key)} |")
+    if not lines:
+        return ""
+    return ("\n\nGeneral ability (the same questions for both models; sft − base paired, 95% interval):\n\n"
+            "| suite or task | score | base | sft | sft − base |\n|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def lock_provenance(lock_path: str = "dvc.lock") -> str:
     """What DVC recorded for the stages that made the model: the hashes of their data and model inputs and outputs
     (code files and reports/ left out: training curves hold timings, which differ from run to run while the data
@@ -138,7 +155,7 @@ training used:
 Decoding: greedy (or a low temperature), stop at {end}, a few dozen new tokens suffice for short answers.
 
 ## Evaluation (held-out conversations, greedy, judge-free)
-{eval_table(metrics)}
+{eval_table(metrics)}{general_table(metrics)}
 
 Rates are means over n examples; brackets give a bootstrap 95% interval where measured. With small n a few points
 of difference are noise.

@@ -12,7 +12,8 @@ import torch
 from pipeline.common import UserError, setup_compute
 from pipeline.general import check_general, evaluate_general, find_regressions
 from pipeline.hf import save_model
-from pipeline.publish import check_no_regression
+from pipeline.metrics import cell
+from pipeline.publish import check_no_regression, general_table
 from pipeline.report import write_report
 from pipeline.suites import (Question, context, encode_pair, encoder, exact_correct, extract, letter_of,
                              loglikelihoods, parse_row, read_suite, split_shots)
@@ -188,6 +189,8 @@ def test_a_suite_the_fine_tuning_contradicts_is_a_regression_reported_first_and_
     text = out.read_text()
     assert text.index("Regressions:") < text.index("| metric |") < text.index("### Suite `planted`")
     assert f"- **planted**: {metrics['regressions']['planted']}" in text
+    card = general_table(metrics)  # the model card shows what fine-tuning cost
+    assert f"| suite planted | acc | {cell(planted['base'], 'acc')} | {cell(planted['sft'], 'acc')} | " in card
     with pytest.raises(UserError, match=r"refusing to publish: the fine-tuned model regressed on planted: acc "):
         check_no_regression(config("publish", no_regression=["planted"]), metrics)
     with pytest.raises(UserError, match="names nothere, which the metrics do not have"):
