@@ -165,30 +165,35 @@ def encode_pair(encode, context: str, continuation: str) -> tuple[list[int], lis
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, compute: Compute,
                    progress: str = "") -> list[tuple[float, bool]]:
     """(log P(continuation | context) summed over the continuation's tokens, whether greedy decoding writes exactly
-    the continuation) per (context ids, continuation ids). Longest first in right-padded batches (causal attention:
-    pads after a row change nothing in it); only the continuation's positions go through the output layer. A pair
-    longer than the model's context keeps its last max_seq_len + 1 tokens, as lm-eval does."""
+    the continuation) per (context ids, continuation ids). The model reads context + continuation less its last token,
+    so pairs that give the same input (one-token choices after one prompt) share one forward; inputs go longest first
+    in right-padded batches (causal attention: pads after a row change nothing in it), and only the continuation's
+    positions go through the output layer. A pair longer than the model's context keeps its last max_seq_len + 1
+    tokens, as lm-eval does."""
     model.eval()
     limit, device = model.arch.max_seq_len, compute.device
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    users: dict[tuple, list[int]] = {}  # model input -> the pairs it scores
+    for i, (ctx, cont) in enumerate(pairs):
+        assert ctx and 0 < len(cont) <= limit, f"pair {i}: empty context or continuation too long"
+        users.setdefault(tuple((ctx + cont)[-(limit + 1):][:-1]), []).append(i)  # position t predicts t + 1
+    inputs = sorted(users, key=len, reverse=True)
     out: list = [None] * len(pairs)
-    for start in tqdm(range(0, len(order), batch_size), desc=progress or "log-likelihood",
+    for start in tqdm(range(0, len(inputs), batch_size), desc=progress or "log-likelihood",
                       disable=not sys.stderr.isatty()):
-        idx = order[start : start + batch_size]
-        for i in idx:
-            assert pairs[i][0] and 0 < len(pairs[i][1]) <= limit, f"pair {i}: empty context or continuation too long"
-        seqs = [(pairs[i][0] + pairs[i][1])[-(limit + 1):][:-1] for i in idx]  # position t predicts t + 1
+        seqs = inputs[start : start + batch_size]
         width = len(seqs[0])
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)  # (B, T)
-        pos = torch.arange(width, device=device).expand(len(idx), width)
+        ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], device=device)  # (B, T)
+        pos = torch.arange(width, device=device).expand(len(seqs), width)
         window = model.arch.sliding_window if model.arch.sliding_window < width else 0
         mask = attention_mask(torch.zeros_like(ids), False, window) if window else None
-        rows, cols, targets = [], [], []
-        for r, (i, s) in enumerate(zip(idx, seqs)):
-            n = len(pairs[i][1])
-            rows += [r] * n
-            cols += range(len(s) - n, len(s))
-            targets += pairs[i][1]
+        rows, cols, targets, owners = [], [], [], []
+        for r, s in enumerate(seqs):
+            for i in users[s]:
+                n = len(pairs[i][1])
+                rows += [r] * n
+                cols += range(len(s) - n, len(s))
+                targets += pairs[i][1]
+                owners.append((i, n))
         with compute.autocast():
             h = model.hidden(ids, pos, mask)  # (B, T, D)
             logits = model.lm_head(h[rows, cols])  # (N, V): the continuation positions only
@@ -197,8 +202,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
         picked = logprobs.gather(1, target[:, None])[:, 0].tolist()
         greedy = (logprobs.argmax(-1) == target).tolist()
         at = 0
-        for i in idx:
-            n = len(pairs[i][1])
+        for i, n in owners:
             out[i] = (float(sum(picked[at : at + n])), all(greedy[at : at + n]))
             at += n
     return out

@@ -80,11 +80,13 @@ def test_batched_scoring_equals_one_at_a_time_and_flags_greedy_continuations(tok
         for _ in range(3):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     pairs.append((pairs[0][0], ids[len(pairs[0][0]):]))
+    pairs += [(pairs[1][0], [t]) for t in (7, 8, 9)]  # one-token choices after one prompt: one shared forward
     batched = loglikelihoods(model, pairs, batch_size=4, compute=CPU)
     alone = [loglikelihoods(model, [p], batch_size=1, compute=CPU)[0] for p in pairs]
     for (a, ga), (b, gb) in zip(batched, alone):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
-    assert batched[-1][1] and not all(g for _, g in batched[:-1])
+    assert batched[-4][1] and not all(g for _, g in batched[:-4])
+    assert len({score for score, _ in batched[-3:]}) == 3  # each its own token's log-probability
     long = [(list(range(6, 200)) * 2, [7, 8])]  # longer than max_seq_len=128: the last 129 tokens are kept
     kept = loglikelihoods(model, long, 1, CPU)[0][0]
     assert kept == pytest.approx(loglikelihoods(model, [(long[0][0][-127:], [7, 8])], 1, CPU)[0][0], abs=1e-4)
