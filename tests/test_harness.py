@@ -11,9 +11,15 @@ from pipeline.hf import save_model
 from tests.conftest import config, skip_or_fail, tiny_model
 
 try:
-    import lm_eval  # noqa: F401
-except ImportError:  # requirements-test.txt installs it: in CI this fails instead
-    skip_or_fail("lm-eval is not installed (pip install lm-eval==0.4.13)")
+    import lm_eval
+except ImportError:
+    lm_eval = None
+
+
+@pytest.fixture(autouse=True)
+def needs_lm_eval():
+    if lm_eval is None:  # requirements-test.txt installs it: in CI this fails instead
+        skip_or_fail("lm-eval is not installed (pip install lm-eval==0.4.13)")
 
 COLOURS = ["red", "blue", "green", "yellow"]
 MC = """task: {name}
