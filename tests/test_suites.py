@@ -155,7 +155,6 @@ def chats(rows: list[dict], answer) -> list[list[dict]]:
     return [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": answer(r)}] for r in rows]
 
 
-@pytest.mark.slow  # two small trainings: ~10 s alone, 25 s on a busy machine
 def test_a_suite_the_fine_tuning_contradicts_is_a_regression_reported_first_and_refused(tok, tmp_path):
     rows = mc_rows(8) + [{"question": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in
                           ((1, 2), (3, 4), (2, 2), (5, 1))]
