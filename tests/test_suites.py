@@ -2,6 +2,7 @@
 transformers forward of the same text gives, batched or not; rows are read strictly (file:line) or skipped and counted;
 a suite the fine-tuning contradicts is flagged as a regression, reported first and refused by the publish gate."""
 import json
+import re
 import subprocess
 import sys
 
@@ -223,3 +224,24 @@ def test_few_shot_examples_are_shown_and_not_scored_and_regressions_need_the_who
     found = find_regressions({"s": group}, ["s"], [], 0.02)
     assert found == {"n": 1, "s": "acc -0.300 [-0.400, -0.210]"}  # letter_acc's interval reaches above 0
     assert find_regressions({"s": group}, ["s"], [], 0.25) == {"n": 0}  # -0.21 is not below -0.25
+
+
+def test_the_bundled_world_suite_asks_what_the_chat_data_does_not_teach(tmp_path):
+    from pipeline.synth import TEMPLATES, generate
+
+    small = dict(n_towns=6, n_people=12, n_regions=3, n_rivers=3, n_syllables=20, docs_per_entity=3, n_arith_docs=5,
+                 n_train=300, n_dev=40, n_heldout=40, n_mc_train=0, n_suite_mc=20, n_suite_arith=10)
+    generate(config("synth", **small), str(tmp_path))
+    questions, dropped = read_suite(tmp_path / "suites/world.jsonl", "fail")
+    assert not dropped and [q.kind for q in questions] == ["choice"] * 20 + ["exact"] * 10
+    world = json.loads((tmp_path / "world.json").read_text())
+    held = {(e, a) for e, a in world["heldout_facts"]}
+    asked = {u["content"] for line in (tmp_path / "train.jsonl").read_text().splitlines()
+             for u in json.loads(line)["messages"] if u["role"] == "user"}
+    for q in questions[:20]:  # the true value among others of its attribute, about a held-out fact
+        facts = [(e, a) for e, a in held if q.question in [t.format(e=e) for t in TEMPLATES[a]["ask"]]]
+        assert len(facts) == 1 and world["entities"][facts[0][0]][facts[0][1]] == q.choices[q.gold], q
+        assert len(set(q.choices)) == len(q.choices) >= 2 and q.question not in asked
+    for q in questions[20:]:  # sums and differences, in phrasings the chat data never uses
+        a, b = map(int, re.findall(r"\d+", q.question))
+        assert int(q.gold) in (a + b, abs(a - b)) and q.question not in asked
