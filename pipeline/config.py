@@ -159,11 +159,14 @@ class SynthConfig:
     arith_max: int  # operands are drawn from 0..arith_max; differences are never negative
     n_mc: int  # multiple-choice questions in mc.jsonl (options a-d, gold = a letter) about known facts
     n_mc_train: int  # multiple-choice conversations added to train.jsonl, about other known facts than mc.jsonl
+    n_suite_mc: int  # multiple-choice questions about held-out facts in suites/world.jsonl (a general-ability suite)
+    n_suite_arith: int  # sums and differences in phrasings the chat data never uses, in suites/world.jsonl
 
     def __post_init__(self):
         fracs = ("corpus_question_frac", "heldout_frac", "system_frac") + tuple(f"frac_{t}" for t in SYNTH_TASKS)
         lows = dict(n_towns=1, n_regions=1, n_rivers=1, docs_per_entity=1, n_train=1, arith_max=1, max_turns=2,
-                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0, n_mc=0, n_mc_train=0)
+                    docs_per_group=0, n_arith_docs=0, n_reading_docs=0, n_dev=0, n_heldout=0, n_mc=0, n_mc_train=0,
+                    n_suite_mc=0, n_suite_arith=0)
         n_names = self.n_towns + self.n_regions + self.n_rivers + 3 * self.n_people  # first, last and pet names
         rules = {k: (0.0 <= getattr(self, k) <= 1.0, "must be in [0, 1]") for k in fracs}
         rules |= {k: (getattr(self, k) >= low, f"must be at least {low}") for k, low in lows.items()}
@@ -422,6 +425,30 @@ class BudgetConfig:
 
 
 ANSWER_KINDS = ("auto", "short", "long")
+PROMPTINGS = ("chat", "plain")
+
+
+@dataclasses.dataclass
+class PromptingConfig:
+    base: str  # how suites and harness tasks prompt the base model: chat (its chat template) | plain (few-shot text)
+    sft: str  # the same for the fine-tuned model
+
+    def __post_init__(self):
+        require(self, {k: (getattr(self, k) in PROMPTINGS, f"must be one of {', '.join(PROMPTINGS)}")
+                       for k in ("base", "sft")})
+
+
+@dataclasses.dataclass
+class HarnessConfig:
+    tasks: list  # lm-evaluation-harness task names (lm-eval installed); empty: none
+    limit: int  # first N documents of each task; 0: all
+    num_fewshot: int  # solved examples before each document; -1: each task's own default
+    include_path: str  # a folder of task YAML files of your own (lm-eval's --include_path); empty: none
+
+    def __post_init__(self):
+        require(self, {"limit": (self.limit >= 0, "must be >= 0 (0: all)"),
+                       "num_fewshot": (self.num_fewshot >= -1, "must be >= 0, or -1 (each task's default)"),
+                       "tasks": (len(set(self.tasks)) == len(self.tasks), "must name each task once")})
 
 
 def prompt_problem(prompt: str) -> str:
@@ -462,6 +489,12 @@ class EvaluateConfig:
     dtype: str  # auto | bfloat16 | float32
     during_train: DuringTrainConfig  # read by the train stage
     judge: JudgeConfig  # an optional local judge of base vs SFT answers
+    suites: str  # general-ability suites: a .jsonl file or a folder of them (one suite per file, named by its stem)
+    prompting: PromptingConfig  # per model: chat template or plain few-shot text (suites and harness tasks)
+    fewshot: int  # solved examples before each suite question (the first N of each kind in its file, not scored)
+    suite_max_new_tokens: int  # generation budget of the suites' letter and exact answers
+    regression_margin: float  # a suite or task regresses when its sft - base interval lies wholly below -margin
+    harness: HarnessConfig  # lm-evaluation-harness tasks (optional)
 
     def __post_init__(self):
         fixed = isinstance(self.max_new_tokens, int)
@@ -473,7 +506,11 @@ class EvaluateConfig:
                        "n_boot": (self.n_boot >= 100, "must be >= 100"),
                        "n_report": (self.n_report >= 0, "must be >= 0"),
                        "device": (self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
-                       "dtype": (self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")})
+                       "dtype": (self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+                       "suites": (bool(self.suites), "must name a suite file or folder"),
+                       "fewshot": (self.fewshot >= 0, "must be >= 0"),
+                       "suite_max_new_tokens": (self.suite_max_new_tokens >= 1, "must be >= 1"),
+                       "regression_margin": (self.regression_margin >= 0, "must be >= 0")})
 
 
 @dataclasses.dataclass
@@ -483,6 +520,7 @@ class PublishConfig:
     model_name: str  # name shown in the model card
     gate_metric: str  # the gate reads this key of metrics.json: `stopped` (group sft) or `group.key`
     gate_min: float  # refuse to publish when that metric is below this
+    no_regression: list  # suite or harness task names: refuse to publish when one regressed (metrics' regressions)
 
     def __post_init__(self):
         require(self, {"gate_metric": (bool(self.gate_metric) and self.gate_metric.count(".") <= 1,

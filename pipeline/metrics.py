@@ -157,3 +157,10 @@ def cell(group: dict, key: str) -> str:
         return str(value)
     lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{value:.3f}"
+
+
+def regressed(diff: dict, margin: float) -> list[str]:
+    """The scores of a paired difference (b minus a, from `paired`) whose whole 95% interval lies below -margin:
+    worse beyond noise and beyond the margin. Each as `key -0.300 [-0.400, -0.200]`."""
+    keys = [k.removesuffix("_hi") for k in diff if k.endswith("_hi") and f"{k[:-3]}_lo" in diff]
+    return [f"{k} {cell(diff, k)}" for k in keys if isinstance(diff.get(k), float) and diff[f"{k}_hi"] < -margin]

@@ -37,6 +37,26 @@ def check_gate(cfg: PublishConfig, metrics: dict) -> None:
                         f"{why} set publish.gate_min lower to publish anyway")
 
 
+def check_no_regression(cfg: PublishConfig, metrics: dict) -> None:
+    """publish.no_regression: refuse a model that regressed on a named suite or harness task (the evaluate stage's
+    `regressions`: an sft − base interval wholly below −evaluate.regression_margin), in one line with the figures."""
+    if not cfg.no_regression:
+        return
+    known = [k for k, v in metrics.items() if isinstance(v, dict) and "prompting" in v and k != "harness"]
+    known += [k for k in metrics.get("harness", {}) if k != "prompting"]
+    missing = [n for n in cfg.no_regression if n not in known]
+    if missing:
+        raise UserError(f"publish.no_regression names {', '.join(missing)}, which the metrics do not have (suites "
+                        f"and tasks measured: {', '.join(known) or 'none'}); fix the names or add the suite "
+                        "(evaluate.suites) or task (evaluate.harness.tasks)")
+    found = metrics.get("regressions", {})
+    worse = [f"{n}: {found[n]}" for n in cfg.no_regression if n in found]
+    if worse:
+        raise UserError(f"refusing to publish: the fine-tuned model regressed on {' | '.join(worse)} (sft − base, "
+                        "95% interval wholly below −evaluate.regression_margin); fix the fine-tuning (lower lr, fewer "
+                        "steps, mix in general data) or drop the name from publish.no_regression")
+
+
 def file_hash(path: str) -> str:
     """sha256 (first 16 hex digits) of a file, or of a folder's files with their relative paths, in order."""
     h, root = hashlib.sha256(), Path(path)
@@ -56,6 +76,23 @@ def eval_table(metrics: dict) -> str:
     for key in measured(metrics.get("sft", {})):
         lines.append(f"| {key} | {cell(metrics.get('base', {}), key)} | {cell(metrics.get('sft', {}), key)} |")
     return "\n".join(lines)
+
+
+def general_table(metrics: dict) -> str:
+    """The general-ability suites and harness tasks (evaluate stage): each score base, sft and the paired difference
+    with its 95% interval; empty when none was run."""
+    groups = [(f"suite {k}", v) for k, v in metrics.items() if isinstance(v, dict) and "prompting" in v
+              and k != "harness"]
+    groups += [(f"lm-eval {k}", v) for k, v in metrics.get("harness", {}).items() if k != "prompting"]
+    lines = []
+    for name, group in groups:
+        for key in [k for k in group.get("sft_minus_base", {}) if f"{k}_lo" in group["sft_minus_base"]]:
+            lines.append(f"| {name} | {key} | {cell(group.get('base', {}), key)} | {cell(group.get('sft', {}), key)} "
+                         f"| {cell(group['sft_minus_base'], key)} |")
+    if not lines:
+        return ""
+    return ("\n\nGeneral ability (the same questions for both models; sft − base paired, 95% interval):\n\n"
+            "| suite or task | score | base | sft | sft − base |\n|---|---|---|---|---|\n" + "\n".join(lines))
 
 
 def lock_provenance(lock_path: str = "dvc.lock") -> str:
@@ -127,7 +164,7 @@ training used:
 Decoding: greedy (or a low temperature), stop at {end}, a few dozen new tokens suffice for short answers.
 
 ## Evaluation (held-out conversations, greedy, judge-free)
-{eval_table(metrics)}
+{eval_table(metrics)}{general_table(metrics)}
 
 Rates are means over n examples; brackets give a bootstrap 95% interval where measured. With small n a few points
 of difference are noise.

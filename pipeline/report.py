@@ -1,6 +1,7 @@
 """Pictures and the Markdown report of the evaluate stage (PNG, offline): training curves (loss, dev loss, lr,
 and the generation metrics logged during training) from DVCLive's TSV files, base-vs-SFT metric bars with their
-bootstrap 95% intervals, and held-out prompts answered by both models side by side."""
+bootstrap 95% intervals, regressions first, the general-ability suites and harness tasks, and held-out prompts
+answered by both models side by side."""
 import csv
 import json
 from pathlib import Path
@@ -89,6 +90,50 @@ def judge_line(metrics: dict, models=("base", "sft")) -> str:
             "(0.5: no better than the base).\n")
 
 
+def regressions_block(metrics: dict) -> str:
+    """What fine-tuning broke, first in the report: the suites and harness tasks whose sft − base interval lies
+    wholly below −evaluate.regression_margin (the evaluate stage's `regressions`)."""
+    found = metrics.get("regressions")
+    if found is None:
+        return ""
+    if not found.get("n"):
+        return "\n**Regressions: none.** No suite or harness task got worse beyond its interval and the margin.\n"
+    items = "\n".join(f"- **{name}**: {what}" for name, what in found.items() if name != "n")
+    return (f"\n## ⚠ Regressions: {found['n']}\n\nSuites and harness tasks whose sft − base paired difference lies "
+            f"wholly below −evaluate.regression_margin (score, difference [95% interval]):\n\n{items}\n")
+
+
+def group_table(group: dict, models=("base", "sft")) -> str:
+    """One suite or harness task: a row per score, a column per model and the paired difference."""
+    diff = f"{models[1]}_minus_{models[0]}"
+    keys = [k for k, v in group.get(models[0], {}).items() if not k.endswith(("_lo", "_hi"))]
+    head = ["score", *models, f"{models[1]} − {models[0]} (paired)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([k, *(cell(group.get(m, {}), k) for m in models), cell(group.get(diff, {}), k)])
+              + " |" for k in keys]
+    return "\n".join(lines)
+
+
+def general_section(metrics: dict, models=("base", "sft")) -> str:
+    """The suites (groups with a `prompting` entry) and the harness tasks, one table each."""
+    suites = [k for k, v in metrics.items() if isinstance(v, dict) and "prompting" in v and k != "harness"]
+    harness = {k: v for k, v in metrics.get("harness", {}).items() if k != "prompting"}
+    if not suites and not harness:
+        return ""
+    parts = ["## General ability: suites and harness tasks\n\nWhat fine-tuning may have cost: the same questions "
+             "for both models. Suites (`evaluate.suites`): `acc` is the choice of highest summed log-likelihood, "
+             "`acc_norm` the same per byte of each choice, `letter_acc` the letter the model writes when the options "
+             "are listed, `exact_acc` the final answer extracted from what it writes (after `####`, else the last "
+             "number); `mc_n` and `exact_n` count the questions."]
+    for name in suites:
+        how = ", ".join(f"{m} {p}" for m, p in metrics[name]["prompting"].items())
+        parts.append(f"### Suite `{name}` (prompted: {how})\n\n{group_table(metrics[name], models)}")
+    for name, group in harness.items():
+        how = ", ".join(f"{m} {p}" for m, p in metrics["harness"].get("prompting", {}).items())
+        parts.append(f"### lm-eval task `{name}` (prompted: {how})\n\n{group_table(group, models)}")
+    return "\n\n".join(parts) + "\n"
+
+
 def excerpt(text: str, chars: int = 300) -> str:
     """One line of at most `chars` characters: a long answer's beginning, `…` where it was cut."""
     line = " ".join(text.split())
@@ -124,7 +169,7 @@ def write_report(metrics: dict, generation: list[dict], figures: dict[str, str],
     mc = (" `mc_accuracy` is the multiple-choice accuracy from the option letters' scores at the answer position "
           "(`mc_n` questions)." if "mc_n" in metrics.get("base", {}) else "")
     Path(out_md).write_text(f"""# Evaluation: base vs SFT
-
+{regressions_block(metrics)}
 Same harness for both models (SPEC §5): greedy decoding with the chat template, stopping at the format's end
 token. Every score is a mean over examples with its bootstrap 95% interval in brackets; the last column is the
 SFT−base difference on the same examples with a paired bootstrap interval. {scores} `stopped`: the answer ended
@@ -135,6 +180,7 @@ token) of each gold answer given its conversation, lower is better.{mc}
 {judge_line(metrics)}
 {pictures}
 
+{general_section(metrics)}
 ## Fixed held-out prompts, answered by both models
 
 {side_by_side(generation, n, kind=metrics.get("answers", "short"))}

@@ -1,6 +1,7 @@
 """The bundled default data: a seeded fictional world of towns and people, written as a pretraining corpus
 (corpus.jsonl, {"text"}) and chat splits (train/dev/heldout.jsonl, {"messages"}) whose answers are short spans,
-plus mc.jsonl: multiple-choice questions (options `a) ...` to `d) ...`, the gold answer a letter) about known facts.
+plus mc.jsonl: multiple-choice questions (options `a) ...` to `d) ...`, the gold answer a letter) about known facts,
+and suites/world.jsonl, a general-ability suite (pipeline/suites.py) of what the chat data does not teach.
 A fixed fraction of (entity, attribute) facts is stated in the corpus but asked about only in heldout.jsonl.
 Randomness comes only from random.Random streams seeded by cfg.seed, so a seed gives byte-identical files."""
 import itertools
@@ -328,6 +329,34 @@ def mc_split(rng: random.Random, ents: dict, facts: list, n: int) -> list[dict]:
     return [mc_question(rng, ents, order[i % len(order)]) for i in range(n)]
 
 
+SUITE_ARITH = {"plus": ["Add {a} and {b}.", "What do you get when you add {b} to {a}?",
+                        "Work out the sum of {a} and {b}."],
+               "minus": ["Take {b} away from {a}.", "Subtract {b} from {a}.",
+                         "How much is left when {b} is taken from {a}?"]}
+
+
+def world_suite(cfg: SynthConfig, rng: random.Random, ents: dict, held: list) -> list[dict]:
+    """A general-ability suite of the world (docs/evaluation.md: Suites): multiple-choice questions about facts the
+    corpus states but the chat data never asks about (choices: the true value and up to three other values of the
+    attribute, gold: its index), then sums and differences asked in phrasings the chat data never uses (gold: the
+    number). What fine-tuning should keep rather than teach."""
+    facts = held or [(e, a) for e, ent in ents.items() for a in ATTRS[ent["kind"]]]
+    order = rng.sample(facts, len(facts))
+    rows = []
+    for i in range(cfg.n_suite_mc):
+        name, attr = order[i % len(order)]
+        truth = ents[name][attr]
+        others = sorted({e[attr] for e in ents.values() if attr in e} - {truth})
+        choices = rng.sample(others, min(3, len(others))) + [truth]
+        rng.shuffle(choices)
+        rows.append({"question": rng.choice(TEMPLATES[attr]["ask"]).format(e=name), "choices": choices,
+                     "answer": choices.index(truth)})
+    for _ in range(cfg.n_suite_arith):
+        x = arith(rng, cfg.arith_max)
+        rows.append({"question": rng.choice(SUITE_ARITH[x["op"]]).format(**x), "answer": str(x["c"])})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -359,9 +388,13 @@ def generate(cfg: SynthConfig, out_dir: str) -> dict:
     for name, rows in (("corpus", [{"text": d} for d in corpus]), ("train", train), ("dev", dev), ("heldout", heldout),
                        ("mc", mc)):
         write_jsonl(out / f"{name}.jsonl", rows)
+    suite = world_suite(cfg, stream("suite"), ents, held)  # its own stream: the other files stay as they were
+    (out / "suites").mkdir(exist_ok=True)
+    write_jsonl(out / "suites" / "world.jsonl", suite)
     asked = {"train": asked_train, "dev": asked_dev, "heldout": asked_heldout}
     world = {"config": asdict(cfg), "entities": ents, "heldout_facts": [list(f) for f in held],
              "asked": {k: sorted(set(v)) for k, v in asked.items()}}
     (out / "world.json").write_text(json.dumps(world, indent=1) + "\n")
     return {"corpus_docs": len(corpus), "corpus_chars": sum(map(len, corpus)), "train": len(train),
-            "dev": len(dev), "heldout": len(heldout), "mc": len(mc), "facts": len(facts), "heldout_facts": len(held)}
+            "dev": len(dev), "heldout": len(heldout), "mc": len(mc), "facts": len(facts), "heldout_facts": len(held),
+            "suite": len(suite)}

@@ -1,4 +1,5 @@
-"""Stage synth: seed -> the bundled default world: corpus.jsonl, train/dev/heldout.jsonl, mc.jsonl, world.json."""
+"""Stage synth: seed -> the bundled default world: corpus.jsonl, train/dev/heldout.jsonl, mc.jsonl, world.json,
+suites/world.jsonl."""
 from pipeline.common import atomic_dir, run_stage
 from pipeline.config import SynthConfig, load_params
 from pipeline.synth import generate

@@ -189,9 +189,11 @@ def test_every_set_param_names_a_param_and_its_value_loads(tmp_path):
                 if not resolves(key):
                     wrong.append(f"{rel(page)}:{number}: -S {key}: no such param in params.yaml")
             checked = [(k, v) for k, v in pairs if resolves(k) and not placeholder(v)]
-            sweep = max((len(v.split(",")) for _, v in checked), default=0)
+            # a,b: one experiment per value (a sweep); [a,b]: one list value
+            values = [[v] if v.startswith("[") else v.split(",") for _, v in checked]
+            sweep = max(map(len, values), default=0)
             for i in range(sweep):
-                overrides = [(k, yaml.safe_load(v.split(",")[min(i, len(v.split(",")) - 1)])) for k, v in checked]
+                overrides = [(k, yaml.safe_load(vs[min(i, len(vs) - 1)])) for (k, _), vs in zip(checked, values)]
                 for problem in load_problems(with_overrides(overrides), tmp_path):
                     wrong.append(f"{rel(page)}:{number}: {' '.join(f'-S {k}={v}' for k, v in checked)}: {problem}")
     assert found > 10, "the docs name params with -S: the pattern no longer matches them"

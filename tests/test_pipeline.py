@@ -44,6 +44,29 @@ def test_second_repro_runs_nothing(project):
     assert ran(out) == [] and "up to date" in out
 
 
+def test_a_suites_experiment_reruns_only_evaluate_and_publish(project):
+    """`dvc exp run -S evaluate.suites=...` names other suite files: only evaluate and publish rerun, and the new
+    suite's base and sft scores (n, intervals, paired difference) show in metrics.json and `dvc metrics diff`."""
+    repo = project
+    world = json.loads((repo / "reports/metrics.json").read_text())["world"]  # the bundled suite, from synth
+    assert world["base"]["mc_n"] == 8 and world["prompting"] == {"base": "chat", "sft": "chat"}
+    mine = repo / "suites/mine"
+    mine.mkdir(parents=True)
+    rows = [{"question": f"What is {a} plus {b}?", "answer": a + b} for a, b in ((1, 2), (3, 4), (5, 0), (2, 2))]
+    rows += [{"question": "Which is a colour?", "choices": ["red", "Osk", "Tal"], "answer": "A"}]
+    (mine / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("git add suites", repo)
+    out = run("dvc exp run -S evaluate.suites=suites/mine", repo)
+    assert ran(out) == ["evaluate", "publish"]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert "world" not in metrics and metrics["sums"]["base"]["exact_n"] == 4 and metrics["sums"]["sft"]["mc_n"] == 1
+    assert "exact_acc_lo" in metrics["sums"]["sft_minus_base"] and "n" in metrics["regressions"]
+    out = run("dvc metrics diff --json --all", repo)  # (HEAD has no metrics: DVC says so after the JSON)
+    diff = json.JSONDecoder().raw_decode(out)[0]["reports/metrics.json"]
+    assert diff["sums.sft.exact_acc"]["new"] == metrics["sums"]["sft"]["exact_acc"]
+    assert "Suite `sums`" in (repo / "reports/eval.md").read_text()
+
+
 def test_lr_experiment_as_the_user_types_it_reruns_only_train_and_below(project):
     """`dvc exp run -S lr=3e-5`, exactly as users type it: DVC writes 3e-05 back to params.yaml, only train,
     evaluate and publish rerun, the optimizer's schedule peaks at the new value, and `dvc metrics diff` shows the

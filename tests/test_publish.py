@@ -124,7 +124,7 @@ def publish_stage(tmp_path, tok, env: dict, metrics: dict = METRICS) -> subproce
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
     params = {"publish": {"repo_id": "tester/tiny-chat", "private": True, "model_name": "tiny",
-                          "gate_metric": "stopped", "gate_min": 0.5}}
+                          "gate_metric": "stopped", "gate_min": 0.5, "no_regression": []}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     return subprocess.run([sys.executable, "-m", "stages.publish", "sft", "metrics.json", "out", "train.jsonl"],

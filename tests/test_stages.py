@@ -100,10 +100,10 @@ def test_pack_train_and_evaluate_name_their_missing_inputs(tmp_path):
     one_line(stage(tmp_path, "train", "base", "packed", "sft", "reports/train", "ckpt", "adapter"), "train",
              "lr='fast' must be a number (float)")
     write_params(tmp_path)
-    args = ("base", "sft", "heldout.jsonl", "mc.jsonl", "dev", "curves", "metrics.json", "predictions", "figures",
-            "eval.md")
-    one_line(stage(tmp_path, "evaluate", *args), "evaluate", "missing input base, sft, heldout.jsonl, mc.jsonl, dev, "
-             "curves")
+    args = ("base", "sft", "heldout.jsonl", "mc.jsonl", "suites", "dev", "curves", "metrics.json", "predictions",
+            "figures", "eval.md")
+    one_line(stage(tmp_path, "evaluate", *args), "evaluate", "missing input base, sft, heldout.jsonl, mc.jsonl, "
+             "suites, dev, curves")
 
 
 def test_publish_gate_and_offline_hub_are_one_line(tmp_path, tok):
