@@ -24,14 +24,11 @@ with and without bitsandbytes, is printed too)."""
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -120,33 +117,15 @@ RUNS = {"full": {}, "LoRA r16": {"lora": {"rank": 16}}, "QLoRA r16": {"lora": {"
 
 
 def run(folder: Path, name: str, steps: int) -> dict:
-    import yaml
-
-    from bench.memory_bench import SIZES
-    from pipeline.config import read_params
+    from bench.memory_bench import SIZES, train_stage
 
     _, _, rows, _ = SIZES["100m"]
     train = {"max_steps": steps, "batch_size": rows, "grad_accum": 1, "save_every": 0, "eval_every": 1000,
              "log_every": 1, "device": "cpu"} | RUNS[name]
-    params = read_params(str(ROOT / "params.yaml"))
-    lora = train.pop("lora", {})
-    params["train"] |= train
-    params["train"]["lora"] |= lora
-    params["evaluate"]["during_train"] |= {"prompts": 0, "samples": 0}
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tag = name.replace(" ", "_").replace("+", "")
-    cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{tag}", f"reports/{tag}", f"ckpt/{tag}",
-           f"adapter/{tag}"]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    metrics = json.loads((folder / f"reports/{tag}/metrics.json").read_text())
-    tok_s = np.loadtxt(folder / f"reports/{tag}/plots/metrics/tokens_per_s.tsv", skiprows=1)[1:, 1]
-    return {"run": name, "tokens_per_s": float(np.median(tok_s)), "seconds": time.time() - t0,
-            "peak_rss_gib": metrics["peak_memory_gib"], "plan_total_gib": metrics["plan_total_gib"],
-            "plan_state_gib": sum(metrics[f"plan_{k}_gib"] for k in ("weights", "gradients", "optimizer"))}
+    r = train_stage(folder, name, train)
+    return {"run": name, "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"],
+            "peak_rss_gib": r["peak_memory_gib"], "plan_total_gib": r["plan_total_gib"],
+            "plan_state_gib": sum(r[f"plan_{k}_gib"] for k in ("weights", "gradients", "optimizer"))}
 
 
 def imported_rss(extra: str = "") -> float:

@@ -64,22 +64,30 @@ def workdir(folder: Path, size: str) -> None:
 
 
 def run(folder: Path, name: str, size: str, device: str) -> dict:
-    import yaml
-
-    from pipeline.config import read_params
-
     _, _, rows, steps = SIZES[size]
     train = {"max_steps": steps, "batch_size": rows, "grad_accum": 1, "save_every": 0, "eval_every": 1000,
              "log_every": 1, "device": device, "compile": device == "cuda"} | RUNS[name]
     if train.get("nproc", 1) > 1:
         train["batch_size"] = rows // train["nproc"]  # the same rows per optimizer step
+    return train_stage(folder, name, train)
+
+
+def train_stage(folder: Path, name: str, train: dict) -> dict:
+    """One run of the real train stage in `folder` (base/ and packed/ made by workdir) with params.yaml's train
+    section and `train` merged in (lora.* in its adapters): its median tokens/s after the first step, its plan line,
+    seconds, and the plan_*/peak_* figures of its metrics.json."""
+    import yaml
+
+    from pipeline.config import read_params
+
+    train = dict(train)
     params = read_params(str(ROOT / "params.yaml"))
     lora = train.pop("lora", {})
     params["train"] |= train
     params["train"]["lora"] |= lora
     params["evaluate"]["during_train"] |= {"prompts": 0, "samples": 0}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tag = name.replace(" ", "_")
+    tag = name.replace(" ", "_").replace("+", "")
     cmd = [sys.executable, "-m", "stages.train", "base", "packed", f"out/{tag}", f"reports/{tag}", f"ckpt/{tag}",
            f"adapter/{tag}"]
     t0 = time.time()

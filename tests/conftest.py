@@ -142,6 +142,23 @@ def tiny_model(vocab_size: int, seed: int = 0, **kw) -> Transformer:
     return model
 
 
+def saved_as_on_the_hub(config, folder: Path, tok=None, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The transformers model of `config` (one of transformers' own config classes) with random weights far from the
+    near-uniform init (norms ~1 ± 0.1, the rest ~0.2 N(0, 1): so that parity means much), saved as the Hub ships
+    models: `dtype`, sharded (~40 KB a file), an index; with `tok`, our tokenizer files next to it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder, max_shard_size="40KB")
+    if tok is not None:
+        save_tokenizer(tok, str(folder))
+    return folder
+
+
 def labels_of(ids, mask) -> list[int]:
     """Rendered ids and mask -> labels, as the render stage writes them (-100 where not trained)."""
     return [i if m else -100 for i, m in zip(ids, mask)]

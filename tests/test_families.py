@@ -15,6 +15,7 @@ from pipeline.common import UserError
 from pipeline.generate import generate
 from pipeline.hf import INDEX, load_model, save_model
 from pipeline.tokenizer import save_tokenizer
+from tests.conftest import saved_as_on_the_hub
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1)
@@ -36,15 +37,7 @@ def hub_folder(folder: Path, name: str, vocab_size: int, tok=None, seed: int = 0
     """A tiny random model of a family, saved as the Hub ships models: bf16, sharded (~40 KB a file), an index;
     with `tok`, our tokenizer files next to it (the pipeline's stages need a tokenizer that speaks a known format)."""
     cls, switches = FAMILIES[name]
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cls(vocab_size=vocab_size, **COMMON, **switches))
-    with torch.no_grad():  # far from the near-uniform init, biases and norms included, so that parity means much
-        for pname, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
-    model.to(dtype).save_pretrained(folder, max_shard_size="40KB")
-    if tok is not None:
-        save_tokenizer(tok, str(folder))
-    return folder
+    return saved_as_on_the_hub(cls(vocab_size=vocab_size, **COMMON, **switches), folder, tok, seed, dtype)
 
 
 def theirs(folder: Path):

@@ -24,9 +24,8 @@ from pipeline.hf_backend import HFModel, add_adapters, save_adapter, save_model
 from pipeline.hf_memory import plan_memory
 from pipeline.memory import ACTIVATION_FACTOR, measured_activation_bytes
 from pipeline.pack import pack
-from pipeline.tokenizer import save_tokenizer
 from pipeline.train import to_batch
-from tests.conftest import config
+from tests.conftest import config, saved_as_on_the_hub
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -56,15 +55,7 @@ def hub_folder(folder: Path, name: str, vocab_size: int, tok=None, seed: int = 0
     our tokenizer files next to it."""
     cls, switches = FAMILIES[name]
     extra = {"vocab_size_per_layer_input": vocab_size} if name == "gemma4" else {}
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cls(vocab_size=vocab_size, **COMMON, **switches, **extra))
-    with torch.no_grad():  # far from the near-uniform init, norms included, so that parity means much
-        for pname, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
-    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
-    if tok is not None:
-        save_tokenizer(tok, str(folder))
-    return folder
+    return saved_as_on_the_hub(cls(vocab_size=vocab_size, **COMMON, **switches, **extra), folder, tok, seed)
 
 
 def theirs(folder: Path):
