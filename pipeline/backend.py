@@ -5,7 +5,8 @@ for a family the port represents exactly, transformers for any other model_type,
 What a model offers the pipeline, on either backend:
 - forward(ids, labels, pos, doc, at, targets) -> (fp32 cross-entropy summed over the trained targets, their count),
   from the final hidden states at trained positions only, chunked by `loss_chunk`; forward(ids) -> logits (B, T, V);
-  packed rows: positions restart and attention stays inside each conversation (doc) in every layer;
+  packed rows: positions restart and attention stays inside each conversation (doc) in every layer; states(ids, pos,
+  doc) -> the final hidden states (B, T, D) and logits(h) -> fp32 logits, for scoring chosen positions only;
 - `blocks` (the decoder layers: FSDP2 units, activation checkpointing by `checkpointing`), `neftune_alpha`,
   `compile_blocks()`, `num_params()`, `arch.max_seq_len`; in training, a mixture-of-experts model leaves its router
   load-balancing loss (coefficient applied) in `router_loss`, else None;

@@ -15,7 +15,8 @@ from pipeline.config import EvaluateConfig
 from pipeline.generate import GREEDY, Sampling, generate
 from pipeline.backend import load_model
 from pipeline.suites import loglikelihoods
-from pipeline.template import chat_format, chat_template, layout, render_text, text_tokenizer
+from pipeline.template import chat_format, layout, render_text, text_tokenizer
+from pipeline.template import chat_template as jinja_template
 from pipeline.tokenizer import load_tokenizer
 
 LM_EVAL = "lm-eval==0.4.13"  # the version the tests run (requirements-test.txt)
@@ -73,7 +74,7 @@ def model_class():
             return self.folder.replace("/", "__")
 
         def chat_template(self, chat_template: bool | str = False) -> str | None:
-            return globals()["chat_template"](self.fmt) if chat_template else None
+            return jinja_template(self.fmt) if chat_template else None
 
         def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
             if add_generation_prompt:

@@ -187,6 +187,10 @@ class HFModel(nn.Module):
                                  **({"output_router_logits": True} if aux else {}))
         return out.last_hidden_state, (out.router_logits if aux else None)
 
+    def states(self, ids, pos, doc):
+        """The final hidden states (B, T, D) of rows with document ids (-1: padding), as the native model's."""
+        return self.hidden(ids, pos, doc, False)[0]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, self.head()).float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits

@@ -363,6 +363,16 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache, i)
         return self.norm(x)
 
+    def states(self, ids, pos, doc):
+        """The final hidden states (B, T, D) of rows whose tokens carry document ids (doc: -1 for padding), attention
+        kept inside each document: what both backends offer the scoring code (pipeline/backend.py)."""
+        window = self.arch.sliding_window if self.arch.sliding_window < ids.shape[1] else 0
+        return self.hidden(ids, pos, attention_mask(doc, self.use_flex, window), doc=doc)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states."""
+        return self.lm_head(h).float()
+
     def forward(self, ids, labels=None, pos=None, doc=None, at=None, targets=None):
         """ids (B, T). Without labels: logits (B, T, V). With labels (B, T), -100 where not trained (or with `at`
         and `targets` from trained_targets(labels, doc), made ahead): (sum of fp32 cross-entropies over the

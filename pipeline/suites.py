@@ -15,7 +15,6 @@ from tqdm import tqdm
 from pipeline.common import Compute, UserError
 from pipeline.evaluate import answer_ids
 from pipeline.metrics import normalize
-from pipeline.model import attention_mask
 from pipeline.template import chat_format, render_text, text_tokenizer
 
 RESERVED = ("answers", "base", "sft", "sft_minus_base", "harness", "regressions")  # other groups of metrics.json
@@ -184,8 +183,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
         width = len(seqs[0])
         ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in seqs], device=device)  # (B, T)
         pos = torch.arange(width, device=device).expand(len(seqs), width)
-        window = model.arch.sliding_window if model.arch.sliding_window < width else 0
-        mask = attention_mask(torch.zeros_like(ids), False, window) if window else None
+        doc = torch.tensor([[0] * len(s) + [-1] * (width - len(s)) for s in seqs], device=device)  # -1: padding
         rows, cols, targets, owners = [], [], [], []
         for r, s in enumerate(seqs):
             for i in users[s]:
@@ -195,9 +193,9 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
                 targets += pairs[i][1]
                 owners.append((i, n))
         with compute.autocast():
-            h = model.hidden(ids, pos, mask)  # (B, T, D)
-            logits = model.lm_head(h[rows, cols])  # (N, V): the continuation positions only
-        logprobs = logits.float().log_softmax(-1)
+            h = model.states(ids, pos, doc)  # (B, T, D), on either backend
+            logits = model.logits(h[rows, cols])  # (N, V) fp32: the continuation positions only
+        logprobs = logits.log_softmax(-1)
         target = torch.tensor(targets, device=device)
         picked = logprobs.gather(1, target[:, None])[:, 0].tolist()
         greedy = (logprobs.argmax(-1) == target).tolist()

@@ -155,7 +155,7 @@ FAMILY_SWITCHES = {
 def family_model(name: str) -> Transformer:
     model = tiny_model(V, max_seq_len=256, **FAMILY_SWITCHES[name])
     if name.endswith("lora"):
-        add_adapters(model, LoraConfig(4, 8.0, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]), seed=0)
+        add_adapters(model, LoraConfig(4, 8.0, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], "none"), seed=0)
         with torch.no_grad():  # B away from zero, so that the adapters take part
             for n, p in model.named_parameters():
                 if n.endswith("lora_B"):

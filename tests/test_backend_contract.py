@@ -57,6 +57,9 @@ def test_the_contract(backend, llama):
     loss, n = model(*batch.inputs())
     assert n == batch.n_targets and loss.dtype == torch.float32 and getattr(model, "router_loss", None) is None
     assert model(batch.ids).shape == (2, 64, model.arch.vocab_size)
+    with torch.no_grad():  # hidden states of rows with document ids, then logits at chosen positions: as forward's
+        logits = model.logits(model.states(batch.ids, batch.pos, batch.doc)[batch.doc >= 0])
+        torch.testing.assert_close(logits, model(batch.ids, pos=batch.pos, doc=batch.doc)[batch.doc >= 0])
     alone = 0.0
     with torch.no_grad():
         for r in range(2):
