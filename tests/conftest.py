@@ -36,17 +36,6 @@ CONVERSATIONS = [
 ]
 
 
-LONGEST_FIRST = ("test_sharegpt.py", "test_gpu_check.py", "test_pipeline.py", "test_sweep.py", "test_remote.py",
-                 "test_fsdp.py", "test_qlora.py", "test_lora.py", "test_resume.py")
-
-
-def pytest_collection_modifyitems(items):
-    """The test files that take longest first: `make test` hands whole files to its workers (pytest-xdist, --dist
-    loadfile) in this order, so no worker is left alone with a long file at the end while the other idles."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (SFT_CI) no test may skip, whoever skips it (skip_or_fail, pytest.importorskip, a skip mark): a skip is
