@@ -151,8 +151,10 @@ def test_what_cannot_be_represented_is_refused_in_one_line(llama_folder):
 
 def test_fine_tuned_and_exported_in_the_familys_own_config_dtype_and_shards(family, chatml_tok, tmp_path, capsys):
     """The train stage's work (pipeline/sft.py, in process) on the family's Hub-style folder: planned, a few SFT
-    steps, exported in the family's config, bf16 and shards, and transformers gives our logits on the export (one
-    family also runs through `dvc repro` below: the stages' wiring does not depend on the family)."""
+    steps, exported in the family's config, bf16 and shards, and transformers gives our logits on the export. The
+    stages' wiring does not depend on the family: `dvc repro` with base.init_from runs in tests/test_sharegpt.py (a
+    GGUF file, native), tests/test_hf_pipeline.py (a Hub-style folder, transformers) and tests/test_pipeline.py (a
+    folder and a Hub repo)."""
     import dataclasses
 
     import numpy as np
@@ -183,32 +185,5 @@ def test_fine_tuned_and_exported_in_the_familys_own_config_dtype_and_shards(fami
     before, after = load_model(str(folder)), load_model(str(published))
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
     ids = torch.randint(0, config_json["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(after.eval()(ids), theirs(published)(ids).logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_short_sft_run_through_the_real_stages(chatml_tok, tmp_path):
-    """dvc repro with base.init_from = a Qwen3 Hub-style folder (q/k norms, its own head size): the tokenizer stage
-    takes the folder's tokenizer and chat format, a few SFT steps on the CPU, and the published folder keeps the
-    family's config, bf16 and shards, and transformers gives our logits on it."""
-    from tests.project import new_project, run
-
-    name = "qwen3"
-    folder = hub_folder(tmp_path / "hub", name, chatml_tok.get_vocab_size(), tok=chatml_tok)
-    repo = new_project(tmp_path / "repo", {
-        "base": {"init_from": str(folder), "corpus_eval_rows": 4}, "pack": {"block_size": 128}, "lr": 1.0e-3,
-        "train": {"max_steps": 2, "batch_size": 2, "max_shard_gb": 4.0e-5},  # 40 KB shards
-        "evaluate": {"limit": 3, "max_new_tokens": 4, "during_train": {"prompts": 2, "samples": 1}}})
-    out = run("dvc repro", repo)
-    assert "chat format chatml" in out and "sft: memory plan per rank: weights" in out
-    published = repo / "publish/model"
-    config = json.loads((published / "config.json").read_text())
-    original = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == original["model_type"] and config["architectures"] == original["architectures"]
-    assert config["torch_dtype"] == "bfloat16" and len(list(published.glob("model-*-of-*.safetensors"))) > 2
-    before, after = load_model(str(folder)), load_model(str(published))
-    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-    ids = torch.randint(0, config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(after.eval()(ids), theirs(published)(ids).logits, rtol=1e-4, atol=1e-4)
